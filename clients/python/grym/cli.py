@@ -1,0 +1,120 @@
+"""``grym``: command-line client for a grym-synth server.
+
+    grym --target localhost:50051 analyze song.wav --store --tag mood=calm
+    grym search --pattern-id 3f2c... --top-k 5
+    grym search --like song.wav --tag mood=calm
+    grym patterns list | get ID | delete ID
+    grym health
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from grym.client import Client, GrymError
+
+EXIT_ERROR = 1
+
+
+def _tags(pairs: list[str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--tag expects key=value, got {pair!r}")
+        out[key] = value
+    return out
+
+
+def _pattern_dict(p) -> dict:  # type: ignore[no-untyped-def]
+    return {"pattern_id": p.pattern_id, "model": p.model, "profile": p.profile,
+            "duration_seconds": round(p.duration_seconds, 3), "tags": dict(p.tags), "source": p.source,
+            "create_time": p.create_time.ToJsonString(), "metadata": dict(p.metadata)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grym", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--target", default=os.environ.get("GRYM_TARGET", "localhost:50051"),
+                        help="server address host:port (env GRYM_TARGET)")
+    parser.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    analyze = sub.add_parser("analyze", help="analyse a WAV file")
+    analyze.add_argument("wav")
+    analyze.add_argument("--store", action="store_true", help="store the embedding as a pattern")
+    analyze.add_argument("--tag", action="append", help="key=value label for the stored pattern (repeatable)")
+    analyze.add_argument("--features", action="store_true", help="also fetch per-frame features")
+
+    search = sub.add_parser("search", help="find similar stored patterns")
+    group = search.add_mutually_exclusive_group(required=True)
+    group.add_argument("--pattern-id")
+    group.add_argument("--like", metavar="WAV", help="analyse this WAV and search near it")
+    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--tag", action="append", help="only patterns with key=value (repeatable)")
+
+    patterns = sub.add_parser("patterns", help="list, get or delete stored patterns")
+    psub = patterns.add_subparsers(dest="action", required=True)
+    plist = psub.add_parser("list")
+    plist.add_argument("--tag", action="append")
+    plist.add_argument("--limit", type=int, default=50)
+    psub.add_parser("get").add_argument("pattern_id")
+    psub.add_parser("delete").add_argument("pattern_id")
+
+    health = sub.add_parser("health", help="check the server's health")
+    health.add_argument("--service", default="", help="'' (whole server), triton, milvus")
+    return parser
+
+
+def run(args: argparse.Namespace, client: Client) -> int:
+    if args.command == "analyze":
+        result = client.analyze(args.wav, store=args.store, tags=_tags(args.tag), include_features=args.features)
+        out = {"request_id": result.request_id, "frames": result.frames,
+               "duration_seconds": round(result.duration_seconds, 3), "embedding_dim": len(result.embedding),
+               "embedding_head": [round(float(x), 5) for x in result.embedding[:4]]}
+        if result.pattern_id:
+            out.update(pattern_id=result.pattern_id, tags=result.tags)
+        if result.features is not None:
+            out["features_shape"] = list(result.features.shape)
+        print(json.dumps(out, indent=2))
+    elif args.command == "search":
+        if args.like:
+            emb = client.analyze(args.like).embedding
+            matches = client.search(embedding=emb, top_k=args.top_k, tag_filter=_tags(args.tag))
+        else:
+            matches = client.search(pattern_id=args.pattern_id, top_k=args.top_k, tag_filter=_tags(args.tag))
+        print(json.dumps([{"score": round(m.score, 4), **_pattern_dict(m.pattern)} for m in matches], indent=2))
+    elif args.command == "patterns":
+        if args.action == "list":
+            items = []
+            for p in client.list_patterns(tag_filter=_tags(args.tag)):
+                items.append(_pattern_dict(p))
+                if len(items) >= args.limit:
+                    break
+            print(json.dumps(items, indent=2))
+        elif args.action == "get":
+            print(json.dumps(_pattern_dict(client.get_pattern(args.pattern_id)), indent=2))
+        else:
+            client.delete_pattern(args.pattern_id)
+            print(f"deleted {args.pattern_id}")
+    elif args.command == "health":
+        status = client.health(args.service)
+        print(status)
+        return 0 if status == "SERVING" else EXIT_ERROR
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        with Client(args.target, timeout_s=args.timeout) as client:
+            return run(args, client)
+    except GrymError as err:
+        print(f"error: {err.code.name}: {err.message}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

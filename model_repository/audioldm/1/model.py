@@ -1,0 +1,409 @@
+"""Triton python-backend model ``audioldm``: diffusers' AudioLDMPipeline as a decoupled BLS pipeline.
+
+Why a pipeline model instead of one big graph: the denoising loop calls the UNet once per step. Running each step
+as its own request to the ``unet`` model lets Triton's dynamic batcher merge the steps of *concurrent* generations
+into one UNet batch (the expensive part), while text encoding, VAE decoding and vocoding batch in their own
+models. This model only tokenises, runs the scheduler arithmetic in torch and streams progress.
+
+Request flow (one request = one generation; the response stream is decoupled):
+  execute(): validate every input (error response + FINAL before any model runs), then hand the request to a
+  worker thread and return at once — so several generations are in flight and their UNet requests meet in the
+  unet model's queue. A semaphore (``max_concurrent_generations``) bounds the number running; the rest wait,
+  cancellable while waiting.
+  worker: clap_text_encoder -> N x unet (progress response after each step) -> vae_decoder -> vocoder ->
+  response {waveform, sample_rate, seed} -> empty FINAL response. Errors: error response, then FINAL.
+  Cancellation: ``response_sender.is_cancelled()`` is checked before every step (python backend >= 23.10), so a
+  cancelled generation stops within one step and finishes with FINAL.
+
+Parity with diffusers (pipelines/deprecated/audioldm/pipeline_audioldm.py), step by step:
+  * duration -> mel frames: ``height = int(d / (prod(upsample_rates) / sr))`` rounded up to a multiple of the VAE
+    scale factor; waveform cut to ``int(d * sr)`` samples; minimum duration ``upsample_factor * vae_scale``.
+  * prompt embeddings: tokenizer(padding="max_length", truncation) -> text encoder -> L2 norm (in the graph);
+    under classifier-free guidance (guidance_scale > 1) the batch is [negative ("" if none), prompt].
+    Both rows are padded to model_max_length (diffusers pads the negative row to projection_dim instead);
+    padding is attention-masked and so does not change the embedding. Prompts that would be truncated
+    (more tokens than model_max_length; negative prompts: than min(model_max_length, projection_dim), the length
+    diffusers truncates them to) are rejected instead of silently cut.
+  * latents: ``torch.randn((1, C, height // s, mel_bins // s), generator=torch.Generator().manual_seed(seed))``
+    times ``scheduler.init_noise_sigma`` — prepare_latents on a CPU generator; the same generator is passed to
+    ``scheduler.step`` when its signature accepts one (eta=0.0 likewise), as prepare_extra_step_kwargs does.
+  * loop: ``scale_model_input(cat([latents] * 2))`` -> unet -> ``uncond + g * (text - uncond)`` -> step.
+  * decode: vae_decoder (1/scaling_factor inside) -> squeeze(1) -> vocoder.
+
+Inputs/outputs are read from the model config (names and dtypes); the component models' names come from config
+parameters and their tensor names from ``components.json`` (written by server/export/audioldm.py together with the
+tokenizer and the scheduler configs in this version directory).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "duration_s", "scheduler")
+OUTPUTS = ("step", "total_steps", "waveform", "sample_rate", "seed")
+COMPONENTS = {  # config parameter naming the Triton model -> key in components.json "tensors"
+    "text_encoder_model": "clap_text_encoder",
+    "unet_model": "unet",
+    "vae_decoder_model": "vae_decoder",
+    "vocoder_model": "vocoder",
+}
+
+
+class InvalidRequest(ValueError):
+    """The request is malformed or out of range; reported to the client as INVALID_ARG before any model runs."""
+
+
+class Cancelled(Exception):
+    """The client cancelled the request (or the model is unloading)."""
+
+
+def _param(config: dict, key: str, default: str | None = None) -> str:
+    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
+    if value == "":
+        if default is None:
+            raise pb_utils.TritonModelException(f"audioldm: config parameter '{key}' is required")
+        return default
+    return value
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A validated request: everything the worker needs, nothing left to check."""
+
+    request_id: str
+    seed: int
+    steps: int
+    guidance_scale: float
+    duration_s: float
+    scheduler: str
+    input_ids: np.ndarray  # [1 or 2, L] int64; [negative, prompt] under classifier-free guidance
+    attention_mask: np.ndarray
+    height: int  # mel frames
+    num_samples: int  # waveform length after the final cut
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_scale > 1.0
+
+
+class TritonPythonModel:
+    """Decoupled AudioLDM pipeline; see the module docstring."""
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        if not pb_utils.using_decoupled_model_transaction_policy(config):
+            raise pb_utils.TritonModelException("audioldm must be decoupled (model_transaction_policy.decoupled)")
+        self._logger = pb_utils.Logger
+        self._input_dtypes = {i["name"]: pb_utils.triton_string_to_numpy(i["data_type"]) for i in config["input"]}
+        self._output_dtypes = {o["name"]: pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]}
+        missing = (set(INPUTS) - set(self._input_dtypes)) | (set(OUTPUTS) - set(self._output_dtypes))
+        if missing:
+            raise pb_utils.TritonModelException(f"audioldm config lacks tensors {sorted(missing)}")
+
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        with open(os.path.join(version_dir, "components.json")) as f:
+            self._c = json.load(f)
+        self._models = {key: _param(config, param) for param, key in COMPONENTS.items()}
+        self._tensors = self._c["tensors"]
+
+        from transformers import RobertaTokenizer
+
+        self._tokenizer = RobertaTokenizer.from_pretrained(os.path.join(version_dir, "tokenizer"), local_files_only=True)
+        # Fast tokenizers mutate their padding/truncation state per call: concurrent calls raise "Already borrowed".
+        self._tokenizer_lock = threading.Lock()
+        self._max_tokens = int(self._tokenizer.model_max_length)
+        self._max_negative_tokens = min(self._max_tokens, int(self._c["projection_dim"]))
+        self._schedulers = self._load_schedulers(os.path.join(version_dir, "schedulers"))
+
+        self._vae_scale = int(self._c["vae_scale_factor"])
+        self._sampling_rate = int(self._c["sampling_rate"])
+        # Exactly the pipeline's expression (numpy float64), so duration -> frames rounds identically.
+        self._upsample_factor = np.prod(self._c["vocoder_upsample_rates"]) / self._sampling_rate
+        self._min_duration = float(self._upsample_factor * self._vae_scale)
+        self._default_duration = float(self._c["unet_sample_size"] * self._vae_scale * self._upsample_factor)
+        self._default_steps = int(_param(config, "default_steps", "10"))
+        self._default_guidance = float(_param(config, "default_guidance_scale", "2.5"))
+        self._default_scheduler = _param(config, "default_scheduler", self._c.get("default_scheduler", "ddim"))
+        self._max_steps = int(_param(config, "max_steps", "200"))
+        self._max_duration = float(_param(config, "max_duration_s", "30"))
+        if self._default_scheduler not in self._schedulers:
+            raise pb_utils.TritonModelException(f"default_scheduler {self._default_scheduler!r} is not exported")
+        torch.set_num_threads(int(_param(config, "torch_threads", "1")))
+
+        self._slots = threading.BoundedSemaphore(int(_param(config, "max_concurrent_generations", "8")))
+        self._stopping = threading.Event()
+        self._workers: set[threading.Thread] = set()
+        self._workers_lock = threading.Lock()
+        self._logger.log_info(
+            f"audioldm ready: profile={self._c.get('profile')} schedulers={sorted(self._schedulers)} "
+            f"sr={self._sampling_rate} duration=[{self._min_duration:g}, {self._max_duration:g}] s"
+        )
+
+    @staticmethod
+    def _load_schedulers(root: str) -> dict[str, tuple[type, dict[str, Any]]]:
+        """name -> (diffusers scheduler class, config dict) for every exported schedulers/<name>/ config."""
+        import diffusers
+
+        schedulers = {}
+        for name in sorted(os.listdir(root)):
+            with open(os.path.join(root, name, "scheduler_config.json")) as f:
+                config = json.load(f)
+            schedulers[name] = (getattr(diffusers, config["_class_name"]), config)
+        if not schedulers:
+            raise pb_utils.TritonModelException(f"no scheduler configs under {root}")
+        return schedulers
+
+    # ------------------------------------------------------------------------------------------------ validation
+    def _optional(self, request: Any, name: str) -> Any | None:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return None
+        array = tensor.as_numpy()
+        if array.size != 1:
+            raise InvalidRequest(f"'{name}' must hold exactly one value, got shape {list(array.shape)}")
+        return array.reshape(-1)[0]
+
+    def _text(self, request: Any, name: str) -> str | None:
+        value = self._optional(request, name)
+        if value is None:
+            return None
+        try:
+            return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+        except UnicodeDecodeError:
+            raise InvalidRequest(f"'{name}' is not valid UTF-8") from None
+
+    def _count_tokens(self, text: str) -> int:
+        with self._tokenizer_lock:
+            return len(self._tokenizer(text).input_ids)
+
+    def _parse(self, request: Any) -> Generation:
+        """Validate and normalise one request; raises InvalidRequest with a message meant for the client."""
+        prompt = self._text(request, "prompt")
+        if prompt is None or not prompt.strip():
+            raise InvalidRequest("'prompt' must be a non-empty string")
+        tokens = self._count_tokens(prompt)
+        if tokens > self._max_tokens:
+            raise InvalidRequest(f"'prompt' is {tokens} tokens long; the text encoder takes {self._max_tokens} at most")
+        negative = self._text(request, "negative_prompt")
+        if negative is not None:
+            tokens = self._count_tokens(negative)
+            if tokens > self._max_negative_tokens:
+                raise InvalidRequest(
+                    f"'negative_prompt' is {tokens} tokens long; at most {self._max_negative_tokens} are allowed"
+                )
+
+        seed = self._optional(request, "seed")
+        seed = secrets.randbits(63) if seed is None else int(seed)
+        if seed < 0:
+            raise InvalidRequest(f"'seed' must be >= 0, got {seed}")
+
+        steps = self._optional(request, "steps")
+        steps = self._default_steps if steps is None else int(steps)
+        if not 1 <= steps <= self._max_steps:
+            raise InvalidRequest(f"'steps' must be in [1, {self._max_steps}], got {steps}")
+
+        guidance = self._optional(request, "guidance_scale")
+        guidance = self._default_guidance if guidance is None else float(guidance)
+        if not (math.isfinite(guidance) and guidance >= 0.0):
+            raise InvalidRequest(f"'guidance_scale' must be a finite number >= 0, got {guidance}")
+
+        duration = self._optional(request, "duration_s")
+        duration = self._default_duration if duration is None else float(duration)
+        if not (math.isfinite(duration) and self._min_duration <= duration <= self._max_duration):
+            raise InvalidRequest(
+                f"'duration_s' must be in [{self._min_duration:g}, {self._max_duration:g}] seconds, got {duration}"
+            )
+
+        scheduler = self._text(request, "scheduler")
+        scheduler = self._default_scheduler if scheduler is None else scheduler.strip().lower()
+        if scheduler not in self._schedulers:
+            raise InvalidRequest(f"unknown 'scheduler' {scheduler!r}; expected one of {sorted(self._schedulers)}")
+
+        height, num_samples = self._frames(duration)
+        texts = [negative or "", prompt] if guidance > 1.0 else [prompt]
+        with self._tokenizer_lock:
+            enc = self._tokenizer(
+                texts, padding="max_length", max_length=self._max_tokens, truncation=True, return_tensors="np"
+            )
+        return Generation(
+            request_id=request.request_id() or "-",
+            seed=seed,
+            steps=steps,
+            guidance_scale=guidance,
+            duration_s=duration,
+            scheduler=scheduler,
+            input_ids=enc["input_ids"].astype(np.int64),
+            attention_mask=enc["attention_mask"].astype(np.int64),
+            height=height,
+            num_samples=num_samples,
+        )
+
+    def _frames(self, duration: float) -> tuple[int, int]:
+        """AudioLDMPipeline.__call__ step 0: (mel frames, waveform samples) for ``duration`` seconds."""
+        height = int(duration / self._upsample_factor)
+        num_samples = int(duration * self._sampling_rate)
+        if height % self._vae_scale != 0:
+            height = int(np.ceil(height / self._vae_scale)) * self._vae_scale
+        return height, num_samples
+
+    # ------------------------------------------------------------------------------------------------ serving
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                generation = self._parse(request)
+            except InvalidRequest as exc:
+                self._fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                continue
+            worker = threading.Thread(
+                target=self._serve, args=(sender, generation), name=f"audioldm-{generation.request_id}", daemon=True
+            )
+            with self._workers_lock:
+                self._workers.add(worker)
+            worker.start()
+        return None
+
+    def _serve(self, sender: Any, generation: Generation) -> None:
+        """Worker thread: wait for a slot, generate, stream; always ends the stream with FINAL."""
+        acquired = False
+        try:
+            while not (acquired := self._slots.acquire(timeout=0.05)):
+                self._check_cancelled(sender)
+            started = time.perf_counter()
+            waveform = self._generate(sender, generation)
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                self._tensor("waveform", waveform),
+                self._tensor("sample_rate", [self._sampling_rate]),
+                self._tensor("seed", [generation.seed]),
+            ]))
+            sender.send(flags=FINAL)
+            self._logger.log_info(
+                f"audioldm {generation.request_id}: {generation.steps} {generation.scheduler} steps, "
+                f"{generation.duration_s:g} s audio in {time.perf_counter() - started:.2f} s"
+            )
+        except Cancelled:
+            self._logger.log_info(f"audioldm {generation.request_id}: cancelled")
+            try:
+                sender.send(flags=FINAL)
+            except Exception:  # the stream may already be gone; nothing left to tell
+                pass
+        except Exception as exc:
+            self._logger.log_error(f"audioldm {generation.request_id}: generation failed: {exc}")
+            self._fail(sender, f"audioldm generation failed: {exc}", pb_utils.TritonError.INTERNAL)
+        finally:
+            if acquired:
+                self._slots.release()
+            with self._workers_lock:
+                self._workers.discard(threading.current_thread())
+
+    def _check_cancelled(self, sender: Any) -> None:
+        if self._stopping.is_set() or sender.is_cancelled():
+            raise Cancelled()
+
+    def _generate(self, sender: Any, g: Generation) -> np.ndarray:
+        """The AudioLDMPipeline.__call__ computation (steps 3-8) with the components served by Triton."""
+        embeds = self._infer("clap_text_encoder", {"input_ids": g.input_ids, "attention_mask": g.attention_mask})
+
+        cls, config = self._schedulers[g.scheduler]
+        scheduler = cls.from_config(config)
+        scheduler.set_timesteps(g.steps, device="cpu")
+        timesteps = scheduler.timesteps
+
+        generator = torch.Generator().manual_seed(g.seed)
+        shape = (
+            1,
+            int(self._c["latent_channels"]),
+            g.height // self._vae_scale,
+            int(self._c["mel_bins"]) // self._vae_scale,
+        )
+        latents = torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(scheduler, generator)
+
+        rows = embeds.shape[0]
+        total = len(timesteps)
+        for i, t in enumerate(timesteps):
+            self._check_cancelled(sender)
+            model_input = torch.cat([latents] * 2) if g.guided else latents
+            model_input = scheduler.scale_model_input(model_input, t)
+            noise_pred = self._infer("unet", {
+                "sample": np.ascontiguousarray(model_input.numpy(), dtype=np.float32),
+                "timestep": np.full((rows, 1), float(t), dtype=np.float32),
+                "class_labels": embeds,
+            })
+            noise_pred = torch.from_numpy(noise_pred)
+            if g.guided:
+                uncond, text = noise_pred.chunk(2)
+                noise_pred = uncond + g.guidance_scale * (text - uncond)
+            latents = scheduler.step(noise_pred, t, latents, **step_kwargs).prev_sample
+            sender.send(pb_utils.InferenceResponse(output_tensors=[
+                self._tensor("step", [i + 1]),
+                self._tensor("total_steps", [total]),
+            ]))
+
+        self._check_cancelled(sender)
+        mel = self._infer("vae_decoder", {"latents": np.ascontiguousarray(latents.numpy(), dtype=np.float32)})
+        if mel.ndim == 4:  # mel_spectrogram_to_waveform: squeeze the channel axis
+            mel = mel[:, 0]
+        waveform = self._infer("vocoder", {"mel": np.ascontiguousarray(mel)})
+        return waveform[0, : g.num_samples]
+
+    @staticmethod
+    def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:
+        """prepare_extra_step_kwargs(generator, eta=0.0): pass what the scheduler's step() accepts."""
+        accepted = set(inspect.signature(scheduler.step).parameters)
+        kwargs: dict[str, Any] = {}
+        if "eta" in accepted:
+            kwargs["eta"] = 0.0
+        if "generator" in accepted:
+            kwargs["generator"] = generator
+        return kwargs
+
+    def _infer(self, component: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """BLS call to a component model; returns its (single) output. Inputs are keyed by role, in graph order."""
+        names = self._tensors[component]
+        output = names["outputs"][0]
+        request = pb_utils.InferenceRequest(
+            model_name=self._models[component],
+            requested_output_names=[output],
+            inputs=[pb_utils.Tensor(name, inputs[name]) for name in names["inputs"]],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise RuntimeError(f"{self._models[component]}: {response.error().message()}")
+        # Copy: the tensor may live in shared memory owned by the response.
+        return np.array(pb_utils.get_output_tensor_by_name(response, output).as_numpy())
+
+    def _tensor(self, name: str, values: Any) -> Any:
+        return pb_utils.Tensor(name, np.asarray(values, dtype=self._output_dtypes[name]))
+
+    def _fail(self, sender: Any, message: str, code: Any) -> None:
+        """Error response, then FINAL (decoupled streams always end with FINAL)."""
+        try:
+            sender.send(pb_utils.InferenceResponse(output_tensors=[], error=pb_utils.TritonError(message, code)))
+            sender.send(flags=FINAL)
+        except Exception as exc:
+            self._logger.log_warn(f"audioldm: could not deliver error {message!r}: {exc}")
+
+    def finalize(self) -> None:
+        """Stop accepting work, let workers end their streams (they see Cancelled), wait briefly for them."""
+        self._stopping.set()
+        deadline = time.monotonic() + 30.0
+        with self._workers_lock:
+            workers = list(self._workers)
+        for worker in workers:
+            worker.join(timeout=max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,147 @@
+"""Triton python-backend model: one AudioLDM component (ONNX) on onnxruntime, batched across requests.
+
+The same file serves ``clap_text_encoder``, ``unet``, ``vae_decoder`` and ``vocoder`` (each folder carries a copy;
+templates are copied per model and python-backend models may import nothing project-specific). Everything
+model-specific comes from the model configuration: input/output names and dtypes, and the ONNX file
+``<model_repository>/<version>/model.onnx`` written by server/export/audioldm.py.
+
+Batching: the dynamic batcher hands ``execute()`` several requests. Requests whose inputs have identical
+per-row shapes (e.g. UNet steps of concurrent generations of the same duration, each a CFG pair) are concatenated
+along the batch axis and run through onnxruntime once; outputs are split back, one response per request. Requests
+of another shape (a different duration) form their own group. Nothing is ever padded: every component here is
+length-sensitive (the VAE/UNet convolutions see the borders), so padding would change results.
+
+A malformed request (missing input, rank mismatch, batch mismatch between its inputs, non-finite values) gets its
+own error response; the rest of the batch is still served. Optional config parameters:
+``intra_op_thread_count`` (0 = one per core), ``inter_op_thread_count`` (default 1), ``allow_spinning`` ("0"/"1").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+ONNX_FILENAME = "model.onnx"
+
+
+def _param(config: dict, key: str, default: str) -> str:
+    """String value of ``parameters { key: ... }`` in the model config, or ``default``."""
+    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
+    return value if value != "" else default
+
+
+class TritonPythonModel:
+    """One onnxruntime session per model instance; see the module docstring for the batching contract."""
+
+    def initialize(self, args: dict[str, Any]) -> None:
+        config = json.loads(args["model_config"])
+        self._name = config["name"]
+        self._inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
+        self._output_names = [o["name"] for o in config["output"]]
+        self._output_dtypes = [pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]]
+        path = os.path.join(args["model_repository"], args["model_version"], ONNX_FILENAME)
+        if not os.path.exists(path):
+            raise pb_utils.TritonModelException(f"{path} is missing; build the repository (server/export)")
+        self._session = ort.InferenceSession(
+            path, sess_options=self._session_options(config), providers=self._providers(args)
+        )
+        self._ranks = self._check_signature(path)
+        self._logger = pb_utils.Logger
+
+    @staticmethod
+    def _session_options(config: dict) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(_param(config, "intra_op_thread_count", "0"))
+        options.inter_op_num_threads = int(_param(config, "inter_op_thread_count", "1"))
+        options.add_session_config_entry("session.intra_op.allow_spinning", _param(config, "allow_spinning", "0"))
+        return options
+
+    @staticmethod
+    def _providers(args: dict[str, Any]) -> list[Any]:
+        """CUDA when Triton placed this instance on a GPU and this onnxruntime build has it; CPU otherwise."""
+        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+            return [("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}),
+                    "CPUExecutionProvider"]
+        return ["CPUExecutionProvider"]
+
+    def _check_signature(self, path: str) -> dict[str, int]:
+        """Fail loading (not the first request) when config and graph disagree; returns each input's rank."""
+        onnx_inputs = {i.name: len(i.shape) for i in self._session.get_inputs()}
+        onnx_outputs = {o.name for o in self._session.get_outputs()}
+        names = [name for name, _ in self._inputs]
+        missing = (set(names) - set(onnx_inputs)) | (set(self._output_names) - onnx_outputs)
+        if missing or len(names) != len(onnx_inputs):
+            raise pb_utils.TritonModelException(
+                f"{self._name}: config tensors {names} -> {self._output_names} do not match {path} "
+                f"(inputs {sorted(onnx_inputs)}, outputs {sorted(onnx_outputs)})"
+            )
+        return onnx_inputs
+
+    def _feeds(self, request: Any) -> dict[str, np.ndarray]:
+        """The request's inputs as numpy arrays (batch axis first), or ValueError saying what is wrong."""
+        feeds: dict[str, np.ndarray] = {}
+        for name, dtype in self._inputs:
+            tensor = pb_utils.get_input_tensor_by_name(request, name)
+            if tensor is None:
+                raise ValueError(f"missing input '{name}'")
+            array = tensor.as_numpy()
+            if array.ndim != self._ranks[name]:
+                raise ValueError(f"'{name}' must have rank {self._ranks[name]}, got shape {list(array.shape)}")
+            if array.dtype.kind == "f" and not np.isfinite(array).all():
+                raise ValueError(f"'{name}' contains NaN or infinite values")
+            feeds[name] = array.astype(dtype, copy=False)
+        batches = {array.shape[0] for array in feeds.values()}
+        if len(batches) != 1 or 0 in batches:
+            raise ValueError(f"inputs disagree on (or have an empty) batch size: {sorted(batches)}")
+        return feeds
+
+    def execute(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        groups: dict[tuple, list[tuple[int, dict[str, np.ndarray]]]] = {}
+        for index, request in enumerate(requests):
+            try:
+                feeds = self._feeds(request)
+            except ValueError as exc:
+                error = pb_utils.TritonError(f"{self._name}: {exc}", pb_utils.TritonError.INVALID_ARG)
+                responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=error)
+                continue
+            key = tuple(array.shape[1:] for array in feeds.values())
+            groups.setdefault(key, []).append((index, feeds))
+        for members in groups.values():
+            self._run_group(members, responses)
+        return responses
+
+    def _run_group(self, members: list[tuple[int, dict[str, np.ndarray]]], responses: list[Any]) -> None:
+        """One ORT run for requests of equal per-row shapes; fills their slots in ``responses``."""
+        if len(members) == 1:
+            batch = members[0][1]
+        else:
+            batch = {name: np.concatenate([feeds[name] for _, feeds in members]) for name, _ in self._inputs}
+        try:
+            outputs = self._session.run(self._output_names, batch)
+        except Exception as exc:  # an ORT failure fails this group only, never the whole execute()
+            shapes = {name: list(array.shape) for name, array in batch.items()}
+            self._logger.log_error(f"{self._name} onnxruntime run failed for {shapes}: {exc}")
+            for index, _ in members:
+                responses[index] = pb_utils.InferenceResponse(
+                    output_tensors=[], error=pb_utils.TritonError(f"{self._name} inference failed: {exc}")
+                )
+            return
+        offset = 0
+        first = self._inputs[0][0]
+        for index, feeds in members:
+            rows = slice(offset, offset + feeds[first].shape[0])
+            offset = rows.stop
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(output[rows], dtype=dtype))
+                for name, output, dtype in zip(self._output_names, outputs, self._output_dtypes)
+            ]
+            responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
+
+    def finalize(self) -> None:
+        self._session = None

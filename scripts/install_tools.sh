@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Install the non-Python tools the API-contract, other-language-client and deploy tests need, idempotently.
+#
+# WHY a script: CI runs on a fresh machine, so everything beyond the Python venv must be installed by the project
+# itself. Each step checks first and does nothing when the tool is already there, so running it on every CI run
+# (or by hand, repeatedly) is cheap.
+#
+#   * Debian toolchain for the C++ client: protoc + grpc_cpp_plugin, libgrpc++/libprotobuf headers, g++, cmake.
+#   * buf (API lint/breaking checks) and the Node client's dependencies, both from npm into gitignored folders:
+#     build/tools/node/ (buf) and clients/node/node_modules/.
+#
+# Usage: scripts/install_tools.sh [--no-apt] [--no-npm]
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/build/tools"  # build/ is gitignored
+BUF_VERSION="${BUF_VERSION:-1.75.0}"
+do_apt=1
+do_npm=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-apt) do_apt=0 ;;
+    --no-npm) do_npm=0 ;;
+    *) echo "unknown argument: $arg" >&2; exit 2 ;;
+  esac
+done
+
+APT_PACKAGES=(
+  g++ make cmake pkg-config
+  protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev
+)
+
+missing_apt_packages() {
+  local pkg
+  for pkg in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+      echo "$pkg"
+    fi
+  done
+  # Node may come from another source (e.g. NodeSource's nodejs bundles npm and conflicts with Debian's npm
+  # package): ask Debian for it only when the commands are missing.
+  if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo nodejs
+    echo npm
+  fi
+}
+
+if [[ $do_apt == 1 ]]; then
+  mapfile -t missing < <(missing_apt_packages)
+  if ((${#missing[@]})); then
+    echo "install_tools: apt-get install ${missing[*]}"
+    SUDO=""
+    if [[ $(id -u) != 0 ]]; then SUDO="sudo"; fi
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -q
+    $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+  else
+    echo "install_tools: Debian packages present"
+  fi
+fi
+
+if [[ $do_npm == 1 ]]; then
+  if ! command -v npm >/dev/null; then
+    echo "install_tools: npm not found (run without --no-apt)" >&2
+    exit 1
+  fi
+  # buf: the npm package ships the prebuilt binary for this platform as an optional dependency.
+  if [[ ! -x "$TOOLS/node/node_modules/.bin/buf" ]] \
+     || [[ "$("$TOOLS/node/node_modules/.bin/buf" --version 2>/dev/null)" != "$BUF_VERSION" ]]; then
+    echo "install_tools: npm install @bufbuild/buf@$BUF_VERSION into $TOOLS/node"
+    mkdir -p "$TOOLS/node"
+    npm install --prefix "$TOOLS/node" --no-audit --no-fund --silent "@bufbuild/buf@$BUF_VERSION"
+  else
+    echo "install_tools: buf $BUF_VERSION present"
+  fi
+  # Node client: install exactly what package-lock.json pins when the lock is there (npm ci), else resolve.
+  node_dir="$ROOT/clients/node"
+  stamp="$node_dir/node_modules/.grym-installed"
+  if [[ ! -f "$stamp" ]] || [[ "$node_dir/package.json" -nt "$stamp" ]] \
+     || { [[ -f "$node_dir/package-lock.json" ]] && [[ "$node_dir/package-lock.json" -nt "$stamp" ]]; }; then
+    echo "install_tools: npm install in clients/node"
+    if [[ -f "$node_dir/package-lock.json" ]]; then
+      npm ci --prefix "$node_dir" --no-audit --no-fund --silent
+    else
+      npm install --prefix "$node_dir" --no-audit --no-fund --silent
+    fi
+    touch "$stamp"
+  else
+    echo "install_tools: clients/node dependencies present"
+  fi
+fi
+
+echo "install_tools: done"

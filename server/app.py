@@ -1,0 +1,189 @@
+"""The composition root: builds every component once, starts them in order, and stops them cleanly.
+
+Start order: metrics and the gRPC server come up first with health NOT_SERVING (so a Kubernetes startup probe
+can watch), then the model repository is built if missing, the embedded Triton is started (or an external one is
+waited for), the pattern store is opened, and health flips to SERVING. Stop order is the reverse, after a drain:
+health NOT_SERVING, new RPCs refused, in-flight RPCs given ``grace_period_s`` to finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from grym.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from server.analysis import MODEL as ANALYSIS_MODEL, AnalysisService
+from server.audio import TARGET_RATE_HZ
+from server.export.repository import build_repository
+from server.export.wav2vec2 import MIN_SAMPLES
+from server.health import SERVICE_NAME, HealthMonitor
+from server.metrics import Metrics
+from server.patterns import PatternStore
+from server.resilience import AdmissionControl, MemoryBudget
+from server.service import Gate, OrchestratorService
+from server.settings import Settings
+from server.triton_client import TritonClient
+from server.triton_process import EmbeddedTriton, free_port
+
+log = logging.getLogger(__name__)
+
+REQUIRED_MODELS = (ANALYSIS_MODEL,)
+
+
+class App:
+    """One orchestrator: gRPC API + (embedded or external) Triton + pattern memory + metrics."""
+
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics or Metrics()
+        self.gate = Gate()
+        self.triton_process: EmbeddedTriton | None = None
+        self.triton: TritonClient | None = None
+        self.store: PatternStore | None = None
+        self.server: grpc.aio.Server | None = None
+        self.health: HealthMonitor | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self.manifest: dict[str, Any] = {}
+        self.admission: AdmissionControl | None = None
+        self._stopped = asyncio.Event()
+
+    # --- start --------------------------------------------------------------------------------------------------
+    def _prepare_models(self) -> None:
+        """Build the profile's repository (embedded Triton only: an external Triton serves its own)."""
+        s = self.settings
+        self.manifest = build_repository(s.profile, s.repository_dir, weights=s.weights_dir, seed=s.seed,
+                                         models=REQUIRED_MODELS)
+
+    def _triton_url(self) -> str:
+        s = self.settings
+        if not s.embedded_triton:
+            return str(s.triton_url)
+        self.triton_process = EmbeddedTriton(
+            s.repository_dir, s.data_dir / "logs" / "tritonserver.log", config_name=s.triton_model_config_name,
+            startup_timeout_s=s.triton_startup_timeout_s, ports=(free_port(), free_port(), free_port()),
+        )
+        return self.triton_process.grpc_url
+
+    async def _wait_models(self, timeout_s: float) -> None:
+        assert self.triton is not None
+        deadline = time.monotonic() + timeout_s
+        while not await self._triton_ready():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Triton at {self.triton.url} has not served {list(REQUIRED_MODELS)} within "
+                                   f"{timeout_s:.0f}s")
+            await asyncio.sleep(0.5)
+
+    async def _probe_embedding_dim(self) -> int:
+        """Ask the served model itself: works for an external Triton whose repository we never saw."""
+        assert self.triton is not None
+        probe = np.zeros((1, TARGET_RATE_HZ), dtype=np.float32)
+        probe[0, ::100] = 0.1  # not constant: the in-graph normalisation divides by the variance
+        out = await self.triton.infer(ANALYSIS_MODEL, {"audio": probe}, ["embedding"],
+                                      deadline=time.monotonic() + 120)
+        return int(out["embedding"].shape[-1])
+
+    async def _boot(self) -> None:
+        """Everything slow: models, Triton, the pattern store. RPCs answer UNAVAILABLE until it is done."""
+        s = self.settings
+        if self.triton_process is not None:
+            await asyncio.to_thread(self._prepare_models)
+            await asyncio.to_thread(self.triton_process.start)
+        await self._wait_models(s.triton_startup_timeout_s)
+        assert self.store is not None
+        self.store.dim = await self._probe_embedding_dim()
+        await asyncio.to_thread(self.store.open)
+        assert self.health is not None
+        await self.health.check_once()
+        self.gate.ready = True
+
+    async def start(self) -> None:
+        """Serve health at once (NOT_SERVING), then boot; returns when every component is ready."""
+        s = self.settings
+        s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+        triton_url = self._triton_url()
+        self.triton = TritonClient(triton_url, channels=s.triton_channels, timeout_s=s.triton_timeout_s,
+                                   metrics=self.metrics)
+        self.store = PatternStore(s.milvus_target, dim=0, model=ANALYSIS_MODEL, profile=s.profile,
+                                  collection_prefix=s.collection_prefix, token=s.milvus_token)
+        budget = MemoryBudget(s.max_inflight_audio_bytes, self.metrics)
+        analysis = AnalysisService(
+            self.triton, self.store, profile=s.profile, min_samples=MIN_SAMPLES, max_audio_s=s.max_audio_seconds,
+            max_stream_s=s.max_stream_seconds, window_s=s.stream_window_seconds, budget=budget, metrics=self.metrics,
+        )
+        self.admission = AdmissionControl(s.max_concurrent_requests, metrics=self.metrics)
+        self.health = HealthMonitor({"triton": self._triton_ready, "milvus": self._milvus_ready},
+                                    metrics=self.metrics)
+        self.server = self._grpc_server(OrchestratorService(analysis, self.store, self.admission, self.gate,
+                                                            self.metrics))
+        await self.server.start()
+        await self.health.start()
+        await self._boot()
+        log.info("grym-synth serving on %s:%d (profile=%s, triton=%s, milvus=%s, metrics=:%d)", s.host, self.port,
+                 s.profile, triton_url, s.milvus_target, self.metrics_port)
+
+    def _grpc_server(self, service: OrchestratorService) -> grpc.aio.Server:
+        s = self.settings
+        server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", s.max_message_bytes),
+            ("grpc.max_send_message_length", s.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(service, server)
+        assert self.health is not None
+        health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
+        names = (orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name,
+                 "grpc.health.v1.Health", reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind the gRPC API to {s.host}:{s.port}")
+        return server
+
+    async def _triton_ready(self) -> bool:
+        if self.triton is None or not await self.triton.server_ready():
+            return False
+        results = await asyncio.gather(*(self.triton.model_ready(m) for m in REQUIRED_MODELS))
+        return all(results)
+
+    async def _milvus_ready(self) -> bool:
+        if self.store is None or not self.store.ready:
+            return False
+        await self.store.count()
+        return True
+
+    # --- stop ---------------------------------------------------------------------------------------------------
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Drain, then close everything; safe to call twice."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        grace = self.settings.grace_period_s if grace_s is None else grace_s
+        self.gate.ready = False
+        self.gate.reason = "the server is shutting down; retry against another replica"
+        if self.health:
+            await self.health.drain()
+        if self.server:
+            await self.server.stop(grace)
+        if self.health:
+            await self.health.stop()
+        if self.triton:
+            await self.triton.close()
+        if self.store:
+            await asyncio.to_thread(self.store.close)
+        if self.triton_process:
+            await asyncio.to_thread(self.triton_process.stop)
+        self.metrics.close()
+        log.info("grym-synth stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+

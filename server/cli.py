@@ -1,0 +1,106 @@
+"""``grym-synth``: run the orchestrator (``serve``) or build a model repository (``export``).
+
+Flags map one-to-one onto :class:`server.settings.Settings` fields (``--data-dir`` -> ``data_dir``), so the
+environment (``GRYM_DATA_DIR``) and the command line configure the same object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from server import logs
+from server.settings import Settings
+
+log = logging.getLogger("grym_synth")
+
+SERVE_FLAGS: dict[str, dict[str, Any]] = {
+    "--host": {}, "--port": {"type": int}, "--metrics-port": {"type": int}, "--data-dir": {"type": Path},
+    "--profile": {"choices": ["tiny", "base", "full"]}, "--weights-dir": {"type": Path}, "--seed": {"type": int},
+    "--triton-url": {}, "--triton-model-config-name": {}, "--milvus-uri": {}, "--milvus-token": {},
+    "--max-audio-seconds": {"type": float}, "--max-concurrent-requests": {"type": int},
+    "--max-message-bytes": {"type": int}, "--grace-period-s": {"type": float},
+}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, flags: dict[str, dict[str, Any]]) -> None:
+    for flag, kwargs in flags.items():
+        field = flag[2:].replace("-", "_")
+        help_text = Settings.model_fields[field].description
+        parser.add_argument(flag, dest=field, default=None, help=help_text, **kwargs)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**overrides)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="grym-synth", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--plain-logs", action="store_true", help="human-readable logs instead of JSON lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start Triton (embedded unless --triton-url), Milvus and the gRPC API")
+    _add_settings_flags(serve, SERVE_FLAGS)
+    serve.add_argument("--port-file", type=Path, help="write the bound gRPC and metrics ports here (for scripts)")
+
+    export = sub.add_parser("export", help="build the Triton model repository for a profile")
+    _add_settings_flags(export, {k: SERVE_FLAGS[k] for k in ("--data-dir", "--profile", "--weights-dir", "--seed")})
+    export.add_argument("--output", type=Path, help="repository directory (default: DATA_DIR/model_repository/PROFILE)")
+    export.add_argument("--models", nargs="*", help="models to build (default: the ones the orchestrator serves)")
+    export.add_argument("--force", action="store_true", help="rebuild even if the repository is up to date")
+    return parser
+
+
+async def _serve(settings: Settings, port_file: Path | None) -> int:
+    from server.app import App
+
+    app = App(settings)
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    start = asyncio.create_task(app.start())
+    done, _ = await asyncio.wait({start, asyncio.create_task(stop_requested.wait())},
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if start in done and start.exception() is None:
+        if port_file:
+            port_file.write_text(f"{app.port} {app.metrics_port}\n")
+        print(f"grym-synth ready on {settings.host}:{app.port} (metrics :{app.metrics_port})", flush=True)
+        await stop_requested.wait()
+        log.info("signal received: draining for up to %.0fs", settings.grace_period_s)
+        code = 0
+    else:
+        if not start.done():
+            start.cancel()
+        exc = start.exception() if start.done() and not start.cancelled() else None
+        if exc:
+            log.error("start-up failed: %s", exc)
+        code = 1 if exc else 0
+    await app.stop()
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logs.configure(args.log_level, json_logs=not args.plain_logs)
+    settings = settings_from_args(args)
+    if args.command == "serve":
+        return asyncio.run(_serve(settings, args.port_file))
+    from server.export.repository import DEFAULT_MODELS, build_repository
+
+    out = args.output or settings.repository_dir
+    manifest = build_repository(settings.profile, out, weights=settings.weights_dir, seed=settings.seed,
+                                models=args.models or DEFAULT_MODELS, force=args.force)
+    print(f"model repository for profile {settings.profile}: {out} ({', '.join(manifest['models'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

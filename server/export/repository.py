@@ -1,0 +1,114 @@
+"""Materialise a Triton model repository for one size profile.
+
+``model_repository/`` in the source tree holds the *templates* (config.pbtxt, configs/ variants, python-backend
+model.py files). Generated weights are never committed, and several profiles must coexist (tests use ``tiny``
+while a benchmark uses ``base``), so the builder copies the templates into ``<out_dir>/<model>/`` and calls each
+model's exporter to write its weights there. ``manifest.json`` records what was built so the orchestrator can
+read dimensions (e.g. the embedding size) without loading a model, and so a rebuild is skipped when nothing changed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from server.settings import REPO_ROOT
+
+log = logging.getLogger(__name__)
+
+TEMPLATE_DIR = REPO_ROOT / "model_repository"
+MANIFEST = "manifest.json"
+# Bump when the export format changes so that stale repositories are rebuilt.
+FORMAT_VERSION = 1
+
+# model folder -> "module:function" implementing export(profile, model_dir, weights, seed) -> dict
+EXPORTERS: dict[str, str] = {
+    "wav2vec2": "server.export.wav2vec2:export",
+}
+
+# Models each product feature needs; the orchestrator builds only what the deployment serves.
+DEFAULT_MODELS: tuple[str, ...] = ("wav2vec2",)
+
+Exporter = Callable[[str, Path, Path | None, int], dict[str, Any]]
+
+
+def _load_exporter(spec: str) -> Exporter:
+    module, _, func = spec.partition(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a built repository, or None when there is none (or it is unreadable)."""
+    try:
+        return json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_built(out_dir: Path, profile: str, models: Iterable[str], weights: Path | None, seed: int) -> bool:
+    """True when ``out_dir`` already holds exactly this build (same profile, weights, seed and models)."""
+    manifest = read_manifest(out_dir)
+    if not manifest or manifest.get("format") != FORMAT_VERSION:
+        return False
+    same = (
+        manifest.get("profile") == profile
+        and manifest.get("weights") == (str(weights) if weights else None)
+        and manifest.get("seed") == seed
+    )
+    return same and set(models) <= set(manifest.get("models", {}))
+
+
+def _copy_template(name: str, out_dir: Path) -> Path:
+    src = TEMPLATE_DIR / name
+    if not (src / "config.pbtxt").exists():
+        raise FileNotFoundError(f"no Triton model template at {src}")
+    dst = out_dir / name
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx_data", "checkpoint"))
+    (dst / "1").mkdir(exist_ok=True)
+    return dst
+
+
+def build_repository(
+    profile: str,
+    out_dir: Path,
+    *,
+    weights: Path | None = None,
+    seed: int = 0,
+    models: Iterable[str] | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Build (or reuse) the repository for ``profile`` in ``out_dir`` and return its manifest."""
+    out_dir = Path(out_dir)
+    names = list(models or DEFAULT_MODELS)
+    if not force and is_built(out_dir, profile, names, weights, seed):
+        log.info("model repository %s is up to date (profile=%s)", out_dir, profile)
+        return read_manifest(out_dir) or {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # a half-built repository must never look complete
+    built: dict[str, Any] = {}
+    for name in names:
+        started = time.perf_counter()
+        model_dir = _copy_template(name, out_dir)
+        spec = EXPORTERS.get(name)
+        meta = _load_exporter(spec)(profile, model_dir, weights, seed) if spec else {}
+        meta["export_seconds"] = round(time.perf_counter() - started, 2)
+        built[name] = meta
+        log.info("exported %s (profile=%s) in %.1fs", name, profile, meta["export_seconds"])
+    manifest = {
+        "format": FORMAT_VERSION,
+        "profile": profile,
+        "weights": str(weights) if weights else None,
+        "seed": seed,
+        "models": built,
+        "built_at": time.time(),
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest

@@ -1,0 +1,267 @@
+"""gRPC transport for ``grym.v1.Orchestrator``: thin handlers that translate protobuf to serving calls.
+
+Every handler runs inside :func:`rpc_scope`, the one place that assigns the request id, applies admission
+control, records metrics, and turns exceptions into statuses: expected failures (:class:`GrymError`) keep their
+code and message; anything else is logged with its traceback and answered INTERNAL. Messages end with the
+request id so that users can quote it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import numpy as np
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from grym.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc as pb_grpc
+from server.analysis import AnalysisService, StreamConfig, StreamSummary
+from server.audio import Audio, decode_pcm, decode_wav, to_mono_16k
+from server.errors import GrymError, InvalidArgument, Unavailable
+from server.logs import request_id_var
+from server.metrics import Metrics
+from server.patterns import PatternRecord, PatternStore
+from server.resilience import AdmissionControl
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+DEFAULT_TOP_K, DEFAULT_PAGE_SIZE = 10, 50
+
+
+def _request_id(given: str) -> str:
+    if not given:
+        return uuid.uuid4().hex
+    if not REQUEST_ID.match(given):
+        raise InvalidArgument("request_id must be 1-128 printable ASCII characters without spaces")
+    return given
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class Gate:
+    """Refuses work until the server is ready and after it starts draining (set by the App)."""
+
+    def __init__(self) -> None:
+        self.ready = False
+        self.reason = "the server is starting: Triton and the pattern store are not ready yet"
+
+    def check(self) -> None:
+        if not self.ready:
+            raise Unavailable("orchestrator", self.reason)
+
+
+class Scope:
+    """Per-RPC state shared between :func:`rpc_scope` and the handler."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.request_id = ""
+        self.code = grpc.StatusCode.OK
+
+
+class OrchestratorService(pb_grpc.OrchestratorServicer):
+    """Handlers are built once at start-up; they hold references to the serving objects only."""
+
+    def __init__(self, analysis: AnalysisService, store: PatternStore, admission: AdmissionControl, gate: Gate,
+                 metrics: Metrics) -> None:
+        self.analysis = analysis
+        self.store = store
+        self.admission = admission
+        self.gate = gate
+        self.metrics = metrics
+
+    # --- the one error/metrics/admission scope --------------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def rpc_scope(self, method: str, context: grpc.aio.ServicerContext, given_id: str,
+                        needs_ready: bool = True) -> AsyncIterator[Scope]:
+        scope = Scope(method)
+        started = time.perf_counter()
+        token = request_id_var.set(given_id or "")
+        try:
+            scope.request_id = _request_id(given_id)
+            request_id_var.set(scope.request_id)
+            if needs_ready:
+                self.gate.check()
+            with self.admission.admit(method):
+                yield scope
+        except GrymError as exc:
+            scope.code = exc.code
+            log.info("%s failed: %s: %s", method, exc.code.name, exc.message)
+            await context.abort(exc.code, f"{exc.message} [request_id={scope.request_id or '-'}]")
+        except grpc.aio.AbortError:
+            raise
+        except BaseException as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                scope.code = grpc.StatusCode.CANCELLED
+                raise
+            scope.code = grpc.StatusCode.INTERNAL
+            log.exception("%s crashed", method)
+            await context.abort(grpc.StatusCode.INTERNAL,
+                                f"internal error ({type(exc).__name__}); quote request_id={scope.request_id} "
+                                "when reporting it")
+        finally:
+            self.metrics.rpc_requests.labels(method, scope.code.name).inc()
+            self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - started)
+            request_id_var.reset(token)
+
+    # --- conversions ----------------------------------------------------------------------------------------------
+    def _audio(self, audio: common_pb2.AudioInput) -> Audio:
+        source = audio.WhichOneof("source")
+        if source == "wav":
+            samples, rate = decode_wav(audio.wav)
+        elif source == "pcm":
+            pcm = audio.pcm
+            if pcm.sample_rate_hz <= 0:
+                raise InvalidArgument("audio.pcm.sample_rate_hz is required (e.g. 16000)")
+            samples, rate = decode_pcm(pcm.data, pcm.sample_rate_hz, pcm.channels, _encoding(pcm.encoding))
+        else:
+            raise InvalidArgument("audio is required: set audio.wav (WAV file bytes) or audio.pcm")
+        if samples.size == 0:
+            raise InvalidArgument("audio is empty")
+        if not np.isfinite(samples).all():
+            raise InvalidArgument(f"audio contains {int((~np.isfinite(samples)).sum())} NaN or infinite sample(s)")
+        return self.analysis.validate(to_mono_16k(samples, rate))
+
+    @staticmethod
+    def _pattern(p: PatternRecord) -> common_pb2.Pattern:
+        ts = Timestamp()
+        ts.FromMicroseconds(p.created_at_us)
+        return common_pb2.Pattern(
+            pattern_id=p.id, embedding=p.embedding or [], model=p.model, profile=p.profile,
+            duration_seconds=p.duration_s, tags=p.tags, create_time=ts, source=p.source, metadata=p.metadata,
+        )
+
+    @staticmethod
+    def _features(features: np.ndarray | None) -> common_pb2.FeatureMatrix | None:
+        if features is None:
+            return None
+        return common_pb2.FeatureMatrix(rows=features.shape[0], cols=features.shape[1],
+                                        values=features.reshape(-1).tolist())
+
+    # --- RPCs -----------------------------------------------------------------------------------------------------
+    async def AnalyzeAudio(self, request: pb.AnalyzeAudioRequest,
+                           context: grpc.aio.ServicerContext) -> pb.AnalyzeAudioResponse:
+        async with self.rpc_scope("AnalyzeAudio", context, request.request_id) as scope:
+            audio = self._audio(request.audio)
+            result = await self.analysis.analyze(
+                audio, include_features=request.include_features, store=request.store, tags=dict(request.tags),
+                source=request.source or "analyze", metadata=None, deadline=_deadline(context),
+                request_id=scope.request_id,
+            )
+            return pb.AnalyzeAudioResponse(
+                request_id=scope.request_id, frames=result.frames, embedding=result.embedding.tolist(),
+                features=self._features(result.features), duration_seconds=result.duration_s,
+                pattern_id=result.pattern.id if result.pattern else "",
+                tags=result.pattern.tags if result.pattern else {}, model=self.store.model,
+                profile=self.store.profile,
+            )
+
+    async def StreamAnalyze(self, request_iterator: AsyncIterator[pb.StreamAnalyzeRequest],
+                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamAnalyzeResponse]:
+        first = await anext(aiter(request_iterator), None)
+        given = first.request_id if first is not None else ""
+        async with self.rpc_scope("StreamAnalyze", context, given) as scope:
+            if first is None or first.WhichOneof("request") != "config":
+                raise InvalidArgument("the first StreamAnalyze message must carry `config`")
+            cfg = first.config
+            if cfg.sample_rate_hz <= 0:
+                raise InvalidArgument("config.sample_rate_hz is required (e.g. 16000)")
+            config = StreamConfig(
+                sample_rate_hz=cfg.sample_rate_hz, channels=cfg.channels or 1, encoding=_encoding(cfg.encoding),
+                include_features=cfg.include_features, store=cfg.store, tags=dict(cfg.tags),
+                source=cfg.source or "stream",
+            )
+
+            async def chunks() -> AsyncIterator[bytes]:
+                async for msg in request_iterator:
+                    if msg.WhichOneof("request") != "audio_content":
+                        raise InvalidArgument("only the first StreamAnalyze message may carry `config`")
+                    yield msg.audio_content
+
+            async for item in self.analysis.analyze_stream(config, chunks(), deadline=_deadline(context),
+                                                           request_id=scope.request_id):
+                yield self._stream_response(scope.request_id, item)
+
+    def _stream_response(self, request_id: str, item: object) -> pb.StreamAnalyzeResponse:
+        if isinstance(item, StreamSummary):
+            return pb.StreamAnalyzeResponse(
+                request_id=request_id, is_final=True, window_index=item.windows, start_seconds=0.0,
+                end_seconds=item.duration_s, frames=item.frames, embedding=item.embedding.tolist(),
+                pattern_id=item.pattern.id if item.pattern else "",
+            )
+        a = item.analysis  # type: ignore[attr-defined]
+        return pb.StreamAnalyzeResponse(
+            request_id=request_id, is_final=False, window_index=item.index,  # type: ignore[attr-defined]
+            start_seconds=item.start_s, end_seconds=item.end_s,  # type: ignore[attr-defined]
+            frames=a.frames, embedding=a.embedding.tolist(), features=self._features(a.features),
+        )
+
+    async def SearchPatterns(self, request: pb.SearchPatternsRequest,
+                             context: grpc.aio.ServicerContext) -> pb.SearchPatternsResponse:
+        async with self.rpc_scope("SearchPatterns", context, request.request_id) as scope:
+            query = request.WhichOneof("query")
+            exclude = None
+            if query == "embedding":
+                vector = list(request.embedding.values)
+            elif query == "pattern_id":
+                if not request.pattern_id:
+                    raise InvalidArgument("pattern_id is empty")
+                anchor = await self.store.get(request.pattern_id, include_embedding=True)
+                vector, exclude = anchor.embedding or [], anchor.id
+            else:
+                raise InvalidArgument("a query is required: set embedding or pattern_id")
+            matches = await self.store.search(vector, top_k=request.top_k or DEFAULT_TOP_K,
+                                              tag_filter=dict(request.tag_filter), exclude_id=exclude,
+                                              include_embedding=request.include_embedding)
+            return pb.SearchPatternsResponse(
+                request_id=scope.request_id,
+                matches=[pb.PatternMatch(pattern=self._pattern(m), score=m.score or 0.0) for m in matches],
+            )
+
+    async def GetPattern(self, request: pb.GetPatternRequest,
+                         context: grpc.aio.ServicerContext) -> pb.GetPatternResponse:
+        async with self.rpc_scope("GetPattern", context, request.request_id) as scope:
+            _require_id(request.pattern_id)
+            record = await self.store.get(request.pattern_id, include_embedding=request.include_embedding)
+            return pb.GetPatternResponse(request_id=scope.request_id, pattern=self._pattern(record))
+
+    async def DeletePattern(self, request: pb.DeletePatternRequest,
+                            context: grpc.aio.ServicerContext) -> pb.DeletePatternResponse:
+        async with self.rpc_scope("DeletePattern", context, request.request_id) as scope:
+            _require_id(request.pattern_id)
+            await self.store.delete(request.pattern_id)
+            return pb.DeletePatternResponse(request_id=scope.request_id, pattern_id=request.pattern_id)
+
+    async def ListPatterns(self, request: pb.ListPatternsRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ListPatternsResponse:
+        async with self.rpc_scope("ListPatterns", context, request.request_id) as scope:
+            page, token = await self.store.list(page_size=request.page_size or DEFAULT_PAGE_SIZE,
+                                                page_token=request.page_token, tag_filter=dict(request.tag_filter))
+            return pb.ListPatternsResponse(request_id=scope.request_id, patterns=[self._pattern(p) for p in page],
+                                           next_page_token=token)
+
+
+def _require_id(pattern_id: str) -> None:
+    if not pattern_id:
+        raise InvalidArgument("pattern_id is required")
+    if len(pattern_id) > 64:
+        raise InvalidArgument("pattern_id is longer than 64 characters; pattern ids are UUIDs")
+
+
+def _encoding(value: int) -> str:
+    if value == common_pb2.PcmAudio.ENCODING_LINEAR16:
+        return "linear16"
+    if value in (common_pb2.PcmAudio.ENCODING_UNSPECIFIED, common_pb2.PcmAudio.ENCODING_FLOAT32):
+        return "float32"
+    raise InvalidArgument(f"unknown PCM encoding {value}")
+

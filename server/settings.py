@@ -1,0 +1,80 @@
+"""One typed settings object for the orchestrator.
+
+Every tunable lives here so that an operator has one table to read (README "Configuration") and one way to set
+it: environment variables prefixed ``GRYM_`` (``GRYM_PORT=50051``) or the matching ``grym-synth serve`` flag
+(``--port 50051``). Flags win over the environment, the environment over the defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Profile = Literal["tiny", "base", "full"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Orchestrator configuration; see README "Configuration" for the table of fields."""
+
+    model_config = SettingsConfigDict(env_prefix="GRYM_", extra="ignore")
+
+    # --- public API -------------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address the gRPC API binds to.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC API port (0 picks a free one).")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics HTTP port (0: free port).")
+    max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent.")
+    grace_period_s: float = Field(10.0, ge=0, description="SIGTERM drain time for in-flight requests.")
+
+    # --- data and models ----------------------------------------------------------------------------------------
+    data_dir: Path = Field(REPO_ROOT / "data", description="Where generated model repositories and databases live.")
+    profile: Profile = Field("tiny", description="Model size profile: tiny (tests/CI), base/full (real sizes).")
+    weights_dir: Path | None = Field(None, description="Local checkpoint directory for real Wav2Vec2 weights.")
+    seed: int = Field(0, description="Seed for deterministic weights when no checkpoint is given.")
+
+    # --- Triton -------------------------------------------------------------------------------------------------
+    triton_url: str | None = Field(None, description="gRPC URL of an external Triton; unset: start the embedded one.")
+    triton_model_config_name: str | None = Field(
+        None, description="Triton --model-config-name for the embedded server (e.g. onnxruntime in NVIDIA containers)."
+    )
+    triton_startup_timeout_s: float = Field(180.0, gt=0, description="How long to wait for Triton's models.")
+    triton_channels: int = Field(2, ge=1, le=64, description="gRPC channels pooled to Triton.")
+    triton_timeout_s: float = Field(30.0, gt=0, description="Default deadline of one Triton call.")
+
+    # --- pattern memory -----------------------------------------------------------------------------------------
+    milvus_uri: str | None = Field(None, description="Milvus server URI; unset: milvus-lite file under data_dir.")
+    milvus_token: str | None = Field(None, description="Milvus auth token (user:password) for a server.")
+    collection_prefix: str = Field("grym_patterns", description="Milvus collection name prefix.")
+
+    # --- limits -------------------------------------------------------------------------------------------------
+    max_audio_seconds: float = Field(60.0, gt=0, description="Longest audio accepted by AnalyzeAudio.")
+    max_stream_seconds: float = Field(600.0, gt=0, description="Longest audio accepted by StreamAnalyze.")
+    stream_window_seconds: float = Field(10.0, gt=0, description="StreamAnalyze analysis window length.")
+    max_concurrent_requests: int = Field(64, ge=1, description="In-flight RPCs per method before RESOURCE_EXHAUSTED.")
+    max_inflight_audio_bytes: int = Field(
+        512 * 1024 * 1024, ge=1024, description="Memory budget for audio and tensors held by in-flight requests."
+    )
+
+    @property
+    def embedded_triton(self) -> bool:
+        """True when the orchestrator owns the Triton process (no external URL given)."""
+        return self.triton_url is None
+
+    @property
+    def repository_dir(self) -> Path:
+        """The materialised Triton model repository for this profile."""
+        return self.data_dir / "model_repository" / self.profile
+
+    @property
+    def milvus_target(self) -> str:
+        """The Milvus URI to connect to: a server URI or the milvus-lite file."""
+        return self.milvus_uri or str(self.data_dir / "milvus" / "patterns.db")
+
+    @model_validator(mode="after")
+    def _resolve_paths(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().resolve()
+        return self
