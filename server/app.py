@@ -125,6 +125,7 @@ class App:
         self.server = self._grpc_server(OrchestratorService(analysis, self.store, self.admission, self.gate,
                                                             self.metrics))
         await self.server.start()
+        log.info("gRPC API bound to %s:%d (NOT_SERVING until Triton and Milvus are ready)", s.host, self.port)
         await self.health.start()
         await self._boot()
         log.info("grym-synth serving on %s:%d (profile=%s, triton=%s, milvus=%s, metrics=:%d)", s.host, self.port,

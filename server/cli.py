@@ -12,27 +12,35 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin
 
 from server import logs
 from server.settings import Settings
 
 log = logging.getLogger("grym_synth")
 
-SERVE_FLAGS: dict[str, dict[str, Any]] = {
-    "--host": {}, "--port": {"type": int}, "--metrics-port": {"type": int}, "--data-dir": {"type": Path},
-    "--profile": {"choices": ["tiny", "base", "full"]}, "--weights-dir": {"type": Path}, "--seed": {"type": int},
-    "--triton-url": {}, "--triton-model-config-name": {}, "--milvus-uri": {}, "--milvus-token": {},
-    "--max-audio-seconds": {"type": float}, "--max-concurrent-requests": {"type": int},
-    "--max-message-bytes": {"type": int}, "--grace-period-s": {"type": float},
-}
+EXPORT_FIELDS = ("data_dir", "profile", "weights_dir", "seed")
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser, flags: dict[str, dict[str, Any]]) -> None:
-    for flag, kwargs in flags.items():
-        field = flag[2:].replace("-", "_")
-        help_text = Settings.model_fields[field].description
-        parser.add_argument(flag, dest=field, default=None, help=help_text, **kwargs)
+def _flag_kwargs(annotation: Any) -> dict[str, Any]:
+    """argparse type/choices for a Settings annotation (``int``, ``Path | None``, ``Literal[...]``...)."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return {"choices": list(get_args(annotation))}
+    if args and get_origin(annotation) is not Literal:
+        return _flag_kwargs(args[0])
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    return {"type": annotation if annotation in (int, float, Path) else str}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser, fields: tuple[str, ...] | None = None) -> None:
+    """One flag per Settings field (``data_dir`` -> ``--data-dir``), documented by the field's description."""
+    for name, info in Settings.model_fields.items():
+        if fields is not None and name not in fields:
+            continue
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=info.description,
+                            **_flag_kwargs(info.annotation))
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
@@ -47,11 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start Triton (embedded unless --triton-url), Milvus and the gRPC API")
-    _add_settings_flags(serve, SERVE_FLAGS)
+    _add_settings_flags(serve)
     serve.add_argument("--port-file", type=Path, help="write the bound gRPC and metrics ports here (for scripts)")
 
     export = sub.add_parser("export", help="build the Triton model repository for a profile")
-    _add_settings_flags(export, {k: SERVE_FLAGS[k] for k in ("--data-dir", "--profile", "--weights-dir", "--seed")})
+    _add_settings_flags(export, EXPORT_FIELDS)
     export.add_argument("--output", type=Path, help="repository directory (default: DATA_DIR/model_repository/PROFILE)")
     export.add_argument("--models", nargs="*", help="models to build (default: the ones the orchestrator serves)")
     export.add_argument("--force", action="store_true", help="rebuild even if the repository is up to date")

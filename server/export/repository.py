@@ -32,8 +32,10 @@ EXPORTERS: dict[str, str] = {
     "wav2vec2": "server.export.wav2vec2:export",
 }
 
-# Models each product feature needs; the orchestrator builds only what the deployment serves.
-DEFAULT_MODELS: tuple[str, ...] = ("wav2vec2",)
+# Every model the product serves (the test-suite's shared Triton loads all of them).
+ALL_MODELS: tuple[str, ...] = ("wav2vec2",)
+# What `grym-synth serve` builds by default.
+DEFAULT_MODELS: tuple[str, ...] = ALL_MODELS
 
 Exporter = Callable[[str, Path, Path | None, int], dict[str, Any]]
 
