@@ -670,16 +670,3 @@ EXPORTERS: dict[str, Callable[[str, Path, Path | None, int], dict[str, Any]]] = 
 
 MODELS: tuple[str, ...] = tuple(EXPORTERS)
 
-
-def audio_length_to_frames(components: dict[str, Any], duration_s: float) -> tuple[int, int]:
-    """(mel frames ``height``, waveform samples) for ``duration_s`` — the pipeline's step 0 arithmetic verbatim.
-
-    ``height = int(d / upsample_factor)`` rounded up to a multiple of the VAE scale factor; the waveform is cut to
-    ``int(d * sampling_rate)`` samples afterwards."""
-    factor = float(np.prod(components["vocoder_upsample_rates"]) / components["sampling_rate"])
-    scale = int(components["vae_scale_factor"])
-    height = int(duration_s / factor)
-    if height % scale != 0:
-        height = int(np.ceil(height / scale)) * scale
-    return height, int(duration_s * components["sampling_rate"])
-

@@ -28,7 +28,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
-"""Wav2Vec2 is trained on 16 kHz mono audio; the orchestrator resamples to this before calling Triton."""
+"""Wav2Vec2 is trained on 16 kHz mono audio; callers must resample to this before calling Triton."""
 
 # The standard wav2vec2 conv feature encoder (identical for base/large and for our tiny profile).
 CONV_KERNEL: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
@@ -46,9 +46,9 @@ OUTPUT_NAMES = ("features", "embedding")
 
 # Self-verification bounds (max |ORT - PyTorch| over features and embedding, float32 CPU, batch 2 at 16000 and
 # 12345 samples). Measured with seeded weights (ORT 1.32, torch 2.13, 2-core Xeon): tiny 4.3e-6, base 5.7e-6.
-# The outputs are layer-normed (O(1)), so real checkpoints land in the same range; the bounds leave 20-200x
-# headroom for other CPUs/ORT kernels and are still far below what a wrong graph produces (a wrong
-# normalisation or attention mask is an O(0.1-1) error).
+# The outputs are layer-normed (O(1)), so real checkpoints should land in a similar range (not measured: no hub
+# access here). The bounds leave 20-200x headroom for other CPUs/ORT kernels and stay far below what a wrong
+# graph produces (e.g. different normalisation statistics move features by ~0.3 on average).
 PARITY_BOUND = {"tiny": 1e-4, "base": 1e-3}
 
 

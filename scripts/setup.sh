@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: virtualenv, Python dependencies, generated gRPC stubs, and the system
+# library the Triton python-backend stub links against. Safe to run again; it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The python backend stub shipped with nvidia-pytriton exists for Python 3.8-3.11: use 3.11.
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+  for cand in python3.11 python3; do
+    if command -v "$cand" >/dev/null && "$cand" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+      PY=$cand; break
+    fi
+  done
+fi
+[ -n "$PY" ] || { echo "setup: Python 3.11 is required (Triton's python backend stub is built for it)" >&2; exit 1; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+
+stamp=.venv/.grym-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+  echo "setup: installing Python dependencies (torch==2.13.0 CPU, numpy<2, Triton, Milvus...)"
+  python -m pip install -q --upgrade pip
+  # torch first and pinned: it resolves to the local CPU wheel; an unpinned torch would pull CUDA wheels.
+  python -m pip install -q "torch==2.13.0" "numpy<2"
+  python -m pip install -q -e ".[test,bench]"
+  touch "$stamp"
+fi
+
+python scripts/gen_protos.py >/dev/null
+
+# The stub links against the system libpython3.11 (Debian's libpython3.11 package).
+stub=$(python - <<'PY'
+from server.triton_process import pytriton_root
+print(pytriton_root() / "python_backend_stubs" / "3.11" / "triton_python_backend_stub")
+PY
+)
+if ldd "$stub" | grep -q "not found"; then
+  echo "setup: installing libpython3.11 for the Triton python backend stub"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libpython3.11 >/dev/null
+  else sudo apt-get update -qq && sudo apt-get install -y -qq libpython3.11 >/dev/null; fi
+fi
+echo "setup: ready (.venv, stubs in clients/python/grym/v1)"

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Set up everything the tests need on a fresh machine, then run the whole suite (real Triton, milvus-lite,
+# orchestrator, and the C++/Node clients). Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ -x scripts/install_tools.sh ]; then bash scripts/install_tools.sh; fi
+. .venv/bin/activate
+exec python -m pytest -q -p no:cacheprovider "$@"
