@@ -124,7 +124,9 @@ def main() -> int:
                             extra_args=["--model-control-mode=explicit", "--load-model=wav2vec2"])
     triton.start()
     orch = OrchestratorProcess(bench_dir / f"orchestrator-{args.profile}-{int(time.time())}", [
-        "--triton-url", triton.grpc_url, "--profile", args.profile])
+        "--triton-url", triton.grpc_url, "--profile", args.profile,
+        # every request sends the same clip: the result cache would answer all but the first
+        "--cache-max-entries", "0"])
     try:
         orch.start(timeout_s=600)
         served = asyncio.run(bench_served(orch, triton, samples, args.concurrency, args.seconds))

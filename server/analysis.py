@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from server.audio import TARGET_RATE_HZ, Audio, decode_pcm, to_mono_16k, validate
+from server.cache import LruCache, digest
 from server.errors import InvalidArgument, OutOfRange
 from server.export.wav2vec2 import num_frames
 from server.metrics import Metrics
@@ -72,7 +73,7 @@ class AnalysisService:
 
     def __init__(self, triton: TritonClient, store: PatternStore, *, profile: str, min_samples: int,
                  max_audio_s: float, max_stream_s: float, window_s: float, budget: MemoryBudget,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, cache: LruCache[Analysis] | None = None) -> None:
         self.triton = triton
         self.store = store
         self.profile = profile
@@ -82,12 +83,28 @@ class AnalysisService:
         self.window_samples = int(window_s * TARGET_RATE_HZ)
         self.budget = budget
         self.metrics = metrics
+        self.cache = cache
 
     def validate(self, samples: np.ndarray, what: str = "audio") -> Audio:
         return validate(samples, min_samples=self.min_samples, max_seconds=self.max_audio_s, what=what)
 
     async def run_model(self, audio: Audio, *, include_features: bool, deadline: float | None,
                         request_id: str) -> Analysis:
+        """Wav2Vec2 on Triton, answered from the cache when the same samples were analysed before."""
+        key = digest(audio.samples.tobytes())
+        cached = self.cache.get(key) if self.cache is not None else None
+        if cached is not None and (cached.features is not None or not include_features):
+            return Analysis(frames=cached.frames, embedding=cached.embedding, duration_s=cached.duration_s,
+                            features=cached.features if include_features else None)
+        analysis = await self._infer(audio, include_features=include_features, deadline=deadline,
+                                     request_id=request_id)
+        if self.cache is not None:
+            size = analysis.embedding.nbytes + (analysis.features.nbytes if analysis.features is not None else 0)
+            self.cache.put(key, analysis, size)
+        return analysis
+
+    async def _infer(self, audio: Audio, *, include_features: bool, deadline: float | None,
+                     request_id: str) -> Analysis:
         outputs = [EMBEDDING, FEATURES] if include_features else [EMBEDDING]
         # The features tensor is ~frames x hidden floats: count it against the budget with the audio.
         with self.budget.reserve(audio.nbytes * (4 if include_features else 1), "AnalyzeAudio"):

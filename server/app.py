@@ -26,7 +26,9 @@ from server.export.wav2vec2 import MIN_SAMPLES
 from server.health import SERVICE_NAME, HealthMonitor
 from server.metrics import Metrics
 from server.patterns import PatternStore
-from server.resilience import AdmissionControl, MemoryBudget
+from server.cache import LruCache
+from server.resilience import AdmissionControl, MemoryBudget, RetryPolicy
+from server.security import BearerTokenInterceptor, server_credentials
 from server.service import Gate, OrchestratorService
 from server.settings import Settings
 from server.triton_client import TritonClient
@@ -53,6 +55,8 @@ class App:
         self.metrics_port = 0
         self.manifest: dict[str, Any] = {}
         self.admission: AdmissionControl | None = None
+        self.cache: LruCache[Any] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     # --- start --------------------------------------------------------------------------------------------------
@@ -103,6 +107,32 @@ class App:
         assert self.health is not None
         await self.health.check_once()
         self.gate.ready = True
+        self._stats_task = asyncio.create_task(self._poll_triton_stats(), name="triton-stats")
+
+    async def _poll_triton_stats(self, interval_s: float = 5.0) -> None:
+        """Export Triton's own queue vs compute split per model (averages over the last interval)."""
+        assert self.triton is not None
+        last: dict[str, tuple[float, float, float]] = {}
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                stats = await self.triton.statistics()
+            except Exception as exc:  # Triton down: health and breakers report it; keep polling
+                log.debug("triton statistics unavailable: %s", exc)
+                continue
+            for model in stats.get("model_stats", []):
+                inf = model.get("inference_stats", {})
+                count = float(inf.get("success", {}).get("count", 0))
+                queue = float(inf.get("queue", {}).get("ns", 0))
+                compute = sum(float(inf.get(k, {}).get("ns", 0))
+                              for k in ("compute_input", "compute_infer", "compute_output"))
+                name = model.get("name", "")
+                prev = last.get(name)
+                last[name] = (count, queue, compute)
+                if prev and count > prev[0]:
+                    n = count - prev[0]
+                    self.metrics.triton_queue.labels(name).set((queue - prev[1]) / n / 1e9)
+                    self.metrics.triton_compute.labels(name).set((compute - prev[2]) / n / 1e9)
 
     async def start(self) -> None:
         """Serve health at once (NOT_SERVING), then boot; returns when every component is ready."""
@@ -111,15 +141,19 @@ class App:
         self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
         triton_url = self._triton_url()
         self.triton = TritonClient(triton_url, channels=s.triton_channels, timeout_s=s.triton_timeout_s,
-                                   metrics=self.metrics)
+                                   metrics=self.metrics, retry_policy=RetryPolicy(attempts=s.retry_attempts),
+                                   breaker_fail_max=s.breaker_fail_max, breaker_reset_s=s.breaker_reset_s)
         self.store = PatternStore(s.milvus_target, dim=0, model=ANALYSIS_MODEL, profile=s.profile,
                                   collection_prefix=s.collection_prefix, token=s.milvus_token)
         budget = MemoryBudget(s.max_inflight_audio_bytes, self.metrics)
+        self.cache = LruCache("analysis", max_entries=s.cache_max_entries, max_bytes=s.cache_max_bytes,
+                              metrics=self.metrics)
         analysis = AnalysisService(
             self.triton, self.store, profile=s.profile, min_samples=MIN_SAMPLES, max_audio_s=s.max_audio_seconds,
             max_stream_s=s.max_stream_seconds, window_s=s.stream_window_seconds, budget=budget, metrics=self.metrics,
+            cache=self.cache,
         )
-        self.admission = AdmissionControl(s.max_concurrent_requests, metrics=self.metrics)
+        self.admission = AdmissionControl(s.max_concurrent_requests, s.method_limit_map, metrics=self.metrics)
         self.health = HealthMonitor({"triton": self._triton_ready, "milvus": self._milvus_ready},
                                     metrics=self.metrics)
         self.server = self._grpc_server(OrchestratorService(analysis, self.store, self.admission, self.gate,
@@ -133,7 +167,8 @@ class App:
 
     def _grpc_server(self, service: OrchestratorService) -> grpc.aio.Server:
         s = self.settings
-        server = grpc.aio.server(options=[
+        interceptors = [BearerTokenInterceptor(s.auth_token)] if s.auth_token else []
+        server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", s.max_message_bytes),
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
@@ -144,7 +179,11 @@ class App:
         names = (orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name,
                  "grpc.health.v1.Health", reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        address = f"{s.host}:{s.port}"
+        if s.tls_cert and s.tls_key:
+            self.port = server.add_secure_port(address, server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca))
+        else:
+            self.port = server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind the gRPC API to {s.host}:{s.port}")
         return server
@@ -176,6 +215,8 @@ class App:
             await self.server.stop(grace)
         if self.health:
             await self.health.stop()
+        if self._stats_task:
+            self._stats_task.cancel()
         if self.triton:
             await self.triton.close()
         if self.store:

@@ -58,6 +58,35 @@ class Settings(BaseSettings):
     max_inflight_audio_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="Memory budget for audio and tensors held by in-flight requests."
     )
+    method_limits: str = Field(
+        "", description="Per-method concurrency limits overriding the default, e.g. 'AnalyzeAudio=32,Generate=4'."
+    )
+
+    # --- caching ------------------------------------------------------------------------------------------------
+    cache_max_entries: int = Field(1024, ge=0, description="Deterministic results kept in memory (0 disables).")
+    cache_max_bytes: int = Field(256 * 1024 * 1024, ge=0, description="Memory bound of the result cache.")
+
+    # --- resilience ---------------------------------------------------------------------------------------------
+    breaker_fail_max: int = Field(5, ge=1, description="Consecutive downstream failures that open a breaker.")
+    breaker_reset_s: float = Field(5.0, gt=0, description="Seconds an open breaker waits before a probe.")
+    retry_attempts: int = Field(3, ge=1, le=10, description="Attempts for idempotent downstream calls.")
+
+    # --- security -----------------------------------------------------------------------------------------------
+    tls_cert: Path | None = Field(None, description="PEM server certificate; with --tls-key enables TLS.")
+    tls_key: Path | None = Field(None, description="PEM private key of the server certificate.")
+    tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients need a certificate (mTLS).")
+    auth_token: str | None = Field(None, description="Bearer token required on every RPC except health checks.")
+
+    @property
+    def method_limit_map(self) -> dict[str, int]:
+        """``method_limits`` parsed: 'AnalyzeAudio=32,Generate=4' -> {'AnalyzeAudio': 32, 'Generate': 4}."""
+        out: dict[str, int] = {}
+        for item in filter(None, (x.strip() for x in self.method_limits.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or not value.strip().isdigit() or int(value) < 1:
+                raise ValueError(f"method_limits entry {item!r} is not METHOD=POSITIVE_INT")
+            out[name.strip()] = int(value)
+        return out
 
     @property
     def embedded_triton(self) -> bool:
@@ -75,6 +104,11 @@ class Settings(BaseSettings):
         return self.milvus_uri or str(self.data_dir / "milvus" / "patterns.db")
 
     @model_validator(mode="after")
-    def _resolve_paths(self) -> "Settings":
+    def _check(self) -> "Settings":
         self.data_dir = self.data_dir.expanduser().resolve()
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        self.method_limit_map  # validate early: a typo should stop start-up, not the first request
         return self

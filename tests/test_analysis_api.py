@@ -166,24 +166,36 @@ def test_stream_analyze_resamples_chunks(client: Client) -> None:
     assert responses[-1].frames == num_frames(48_000)
 
 
-async def test_concurrent_mixed_lengths_match_single_requests(orchestrator, triton) -> None:  # type: ignore[no-untyped-def]
-    """32 concurrent requests of 4 lengths: batched results equal the one-at-a-time results, and Triton did
-    batch them (fewer executions than inferences)."""
+async def test_concurrent_mixed_lengths_match_single_requests(orchestrator, triton, ort_session) -> None:  # type: ignore[no-untyped-def]
+    """32 concurrent requests of 4 lengths (never seen before, so no cache hit): every batched result equals the
+    one-clip-at-a-time ONNX Runtime result, and Triton did batch them (fewer executions than inferences)."""
     lengths = [16_000, 16_000, 24_000, 8_000] * 8
-    clips = [tone(n / 16_000, seed=i) for i, n in enumerate(lengths)]
+    clips = [tone(n / 16_000, seed=1000 + i) for i, n in enumerate(lengths)]
     async with AsyncClient(orchestrator.target) as c:
-        singles = [await c.analyze(x, sample_rate_hz=16_000) for x in clips[:4]]
         before = await _wav2vec2_stats(triton)
         batched = await asyncio.gather(*(c.analyze(x, sample_rate_hz=16_000) for x in clips))
         after = await _wav2vec2_stats(triton)
-    for i, got in enumerate(batched[:4]):
-        np.testing.assert_allclose(got.embedding, singles[i].embedding, atol=1e-5)
-    for i, got in enumerate(batched):
-        assert got.frames == num_frames(lengths[i])
+    for clip, got in zip(clips, batched):
+        _, ref = reference(ort_session, clip)
+        assert got.frames == num_frames(len(clip))
+        np.testing.assert_allclose(got.embedding, ref, atol=1e-5)
     inferences = after["inference_count"] - before["inference_count"]
     executions = after["execution_count"] - before["execution_count"]
     assert inferences == len(clips)
     assert executions < inferences, (executions, inferences)
+
+
+def test_repeated_audio_is_answered_from_the_cache(orchestrator, triton, client: Client) -> None:  # type: ignore[no-untyped-def]
+    clip = tone(0.7, seed=4242)
+    first = client.analyze(clip, sample_rate_hz=16_000)
+    before = asyncio.run(_wav2vec2_stats(triton))
+    again = client.analyze(clip, sample_rate_hz=16_000, store=True, tags={"test": "cache"})
+    after = asyncio.run(_wav2vec2_stats(triton))
+    assert after["inference_count"] == before["inference_count"]  # Triton was not asked again
+    np.testing.assert_array_equal(again.embedding, first.embedding)
+    assert again.pattern_id  # storing is a side effect: it still happens on a hit
+    text = urllib.request.urlopen(orchestrator.metrics_url, timeout=5).read().decode()
+    assert 'grym_cache_requests_total{cache="analysis",result="hit"}' in text
 
 
 async def _wav2vec2_stats(triton) -> dict[str, int]:  # type: ignore[no-untyped-def]
