@@ -9,7 +9,9 @@
 #   * buf (API lint/breaking checks) and the Node client's dependencies, both from npm into gitignored folders:
 #     build/tools/node/ (buf) and clients/node/node_modules/.
 #
-# Usage: scripts/install_tools.sh [--no-apt] [--no-npm]
+#   * the CUDA runtime library perf_analyzer links against, from PyPI into build/tools/cuda/ (needs .venv).
+#
+# Usage: scripts/install_tools.sh [--no-apt] [--no-npm] [--no-pip]
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,10 +19,12 @@ TOOLS="$ROOT/build/tools"  # build/ is gitignored
 BUF_VERSION="${BUF_VERSION:-1.75.0}"
 do_apt=1
 do_npm=1
+do_pip=1
 for arg in "$@"; do
   case "$arg" in
     --no-apt) do_apt=0 ;;
     --no-npm) do_npm=0 ;;
+    --no-pip) do_pip=0 ;;
     *) echo "unknown argument: $arg" >&2; exit 2 ;;
   esac
 done
@@ -28,6 +32,8 @@ done
 APT_PACKAGES=(
   g++ make cmake pkg-config
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev
+  # runtime library of the perf_analyzer binary that tritonclient's wheel ships (docs/perf_analyzer.md)
+  libb64-0d
 )
 
 missing_apt_packages() {
@@ -87,6 +93,18 @@ if [[ $do_npm == 1 ]]; then
     touch "$stamp"
   else
     echo "install_tools: clients/node dependencies present"
+  fi
+fi
+
+# perf_analyzer (from the tritonclient wheel) links libcudart.so.12 even for CPU-only use; NVIDIA's runtime wheel
+# provides it without a CUDA toolkit. tests/test_deploy_manifests.py puts this folder on LD_LIBRARY_PATH.
+if [[ $do_pip == 1 ]]; then
+  cuda_rt="$TOOLS/cuda"
+  if [[ -x "$ROOT/.venv/bin/perf_analyzer" ]] && ! compgen -G "$cuda_rt/nvidia/cuda_runtime/lib/libcudart.so.12*" >/dev/null; then
+    echo "install_tools: pip install nvidia-cuda-runtime-cu12 into $cuda_rt"
+    "$ROOT/.venv/bin/python" -m pip install --quiet --target "$cuda_rt" "nvidia-cuda-runtime-cu12>=12,<13"
+  else
+    echo "install_tools: perf_analyzer runtime present (or no perf_analyzer in .venv)"
   fi
 fi
 

@@ -83,7 +83,8 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
     # --- the one error/metrics/admission scope --------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def rpc_scope(self, method: str, context: grpc.aio.ServicerContext, given_id: str,
-                        needs_ready: bool = True) -> AsyncIterator[Scope]:
+                        needs_ready: bool = True,
+                        requests: AsyncIterator[object] | None = None) -> AsyncIterator[Scope]:
         scope = Scope(method)
         started = time.perf_counter()
         token = request_id_var.set(given_id or "")
@@ -97,6 +98,8 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
         except GrymError as exc:
             scope.code = exc.code
             log.info("%s failed: %s: %s", method, exc.code.name, exc.message)
+            if requests is not None:
+                await _drain(requests)
             await context.abort(exc.code, f"{exc.message} [request_id={scope.request_id or '-'}]")
         except grpc.aio.AbortError:
             raise
@@ -170,7 +173,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamAnalyzeResponse]:
         first = await anext(aiter(request_iterator), None)
         given = first.request_id if first is not None else ""
-        async with self.rpc_scope("StreamAnalyze", context, given) as scope:
+        async with self.rpc_scope("StreamAnalyze", context, given, requests=request_iterator) as scope:
             if first is None or first.WhichOneof("request") != "config":
                 raise InvalidArgument("the first StreamAnalyze message must carry `config`")
             cfg = first.config
@@ -249,6 +252,19 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                                                 page_token=request.page_token, tag_filter=dict(request.tag_filter))
             return pb.ListPatternsResponse(request_id=scope.request_id, patterns=[self._pattern(p) for p in page],
                                            next_page_token=token)
+
+
+async def _drain(requests: AsyncIterator[object], limit_s: float = 2.0) -> None:
+    """Read what the client is still uploading before sending an error status: closing a stream the client is
+    writing to races with its upload, and the client then sees INTERNAL instead of our status."""
+    async def consume() -> None:
+        async for _ in requests:
+            pass
+
+    try:
+        await asyncio.wait_for(consume(), limit_s)
+    except Exception:  # a broken or slow upload: the status goes out anyway
+        pass
 
 
 def _require_id(pattern_id: str) -> None:

@@ -15,6 +15,7 @@ signal, so a wrong step, guidance or scheduler detail (which changes the audio a
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import sys
@@ -56,8 +57,34 @@ def build_audioldm_repository(out_dir: Path, profile: str = "tiny", seed: int = 
     return manifest
 
 
+def _shared_triton(request):
+    """The session's shared tritonserver (tests/conftest.py ``triton``) when it serves a tiny AudioLDM built with
+    SEED — the reference below must use the same weights — else None."""
+    try:
+        shared = request.getfixturevalue("triton")
+    except pytest.FixtureLookupError:
+        return None
+    manifest_path = Path(shared.repo_dir) / "manifest.json"
+    if not manifest_path.exists():
+        return None
+    manifest = json.loads(manifest_path.read_text())
+    if manifest.get("profile") != "tiny" or manifest.get("seed") != SEED or manifest.get("weights"):
+        return None
+    if not set(audioldm.MODELS) <= set(manifest.get("models", {})):
+        return None
+    try:
+        shared.wait_models_ready(audioldm.MODELS, timeout_s=5)
+    except Exception:
+        return None
+    return shared
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(request, tmp_path_factory):
+    shared = _shared_triton(request)
+    if shared is not None:
+        yield shared
+        return
     root = tmp_path_factory.mktemp("audioldm_triton")
     build_audioldm_repository(root / "repo")
     env = {

@@ -80,6 +80,12 @@ class Dims:
     coordinator_max_tokens: int
 
 
+def _mel_frames(duration_s: float, seconds_per_frame: float, vae_scale_factor: int) -> int:
+    """AudioLDMPipeline's height for a duration: int(d / frame length), rounded up to the VAE scale factor."""
+    height = int(duration_s / seconds_per_frame)
+    return -(-height // vae_scale_factor) * vae_scale_factor
+
+
 def dims(profile: str) -> Dims:
     """Derive every dimension from the exporters' profile table, exactly as the pipeline model does."""
     from server.export import audioldm
@@ -91,8 +97,7 @@ def dims(profile: str) -> Dims:
     hop = int(np.prod(rates))
     # The pipeline's default duration: unet.sample_size * vae_scale_factor * hop / sampling_rate.
     duration_s = p.unet["sample_size"] * scale * hop / sampling_rate
-    components = {"vocoder_upsample_rates": rates, "sampling_rate": sampling_rate, "vae_scale_factor": scale}
-    mel_frames, _ = audioldm.audio_length_to_frames(components, duration_s)
+    mel_frames = _mel_frames(duration_s, hop / sampling_rate, scale)
     vocab = min(int(p.tokenizer_vocab_size), int(p.text_encoder["vocab_size"]))
     return Dims(
         latent_channels=int(p.unet["in_channels"]),
