@@ -170,19 +170,24 @@ async def test_concurrent_mixed_lengths_match_single_requests(orchestrator, trit
     """32 concurrent requests of 4 lengths (never seen before, so no cache hit): every batched result equals the
     one-clip-at-a-time ONNX Runtime result, and Triton did batch them (fewer executions than inferences)."""
     lengths = [16_000, 16_000, 24_000, 8_000] * 8
-    clips = [tone(n / 16_000, seed=1000 + i) for i, n in enumerate(lengths)]
+    batched_bursts = 0
     async with AsyncClient(orchestrator.target) as c:
-        before = await _wav2vec2_stats(triton)
-        batched = await asyncio.gather(*(c.analyze(x, sample_rate_hz=16_000) for x in clips))
-        after = await _wav2vec2_stats(triton)
-    for clip, got in zip(clips, batched):
-        _, ref = reference(ort_session, clip)
-        assert got.frames == num_frames(len(clip))
-        np.testing.assert_allclose(got.embedding, ref, atol=1e-5)
-    inferences = after["inference_count"] - before["inference_count"]
-    executions = after["execution_count"] - before["execution_count"]
-    assert inferences == len(clips)
-    assert executions < inferences, (executions, inferences)
+        for burst in range(3):  # a loaded CI box may spread one burst out; one batched burst of three is proof
+            clips = [tone(n / 16_000, seed=1000 + 100 * burst + i) for i, n in enumerate(lengths)]
+            before = await _wav2vec2_stats(triton)
+            batched = await asyncio.gather(*(c.analyze(x, sample_rate_hz=16_000) for x in clips))
+            after = await _wav2vec2_stats(triton)
+            for clip, got in zip(clips, batched):
+                _, ref = reference(ort_session, clip)
+                assert got.frames == num_frames(len(clip))
+                np.testing.assert_allclose(got.embedding, ref, atol=1e-5)
+            inferences = after["inference_count"] - before["inference_count"]
+            executions = after["execution_count"] - before["execution_count"]
+            assert inferences == len(clips)
+            if executions < inferences:
+                batched_bursts += 1
+                break
+    assert batched_bursts == 1, "Triton never batched concurrent AnalyzeAudio requests"
 
 
 def test_repeated_audio_is_answered_from_the_cache(orchestrator, triton, client: Client) -> None:  # type: ignore[no-untyped-def]
