@@ -128,6 +128,13 @@ def test_node_loads_every_rpc(node_binary: str) -> None:
     assert sorted(json.loads(result.stdout)) == expected
 
 
+def test_node_unit_tests(node_binary: str) -> None:
+    """clients/node/test (node's built-in runner): the WAV reader's formats, chunk walking and rejections."""
+    result = _run([node_binary, "--test", "test/"], cwd=NODE_DIR, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "# fail 0" in result.stdout and "# pass 0" not in result.stdout
+
+
 # --- audio fixtures -----------------------------------------------------------------------------------------
 
 

@@ -364,6 +364,12 @@ def count_parameters(module) -> int:
     return int(sum(p.numel() for p in module.parameters()))
 
 
+def _decoder_parameters(vae) -> int:
+    """Parameters of what ``vae.decode`` uses (post_quant_conv + decoder), i.e. what the vae_decoder graph holds."""
+    post = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else None
+    return count_parameters(vae.decoder) + (count_parameters(post) if post is not None else 0)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Export wrappers: the exact computations the pipeline performs around each component
 # --------------------------------------------------------------------------------------------------------------
@@ -585,8 +591,10 @@ def export_vae_decoder(profile: str, model_dir: Path, weights: Path | None, seed
         for b, f in ((2, frames + 1), (1, max(2, frames // 2)))
     ]
     diff = _check_parity("vae_decoder", profile, diffs)
-    return _meta("vae_decoder", path, c.vae, diff, started, scaling_factor=float(c.vae.config.scaling_factor),
+    meta = _meta("vae_decoder", path, c.vae, diff, started, scaling_factor=float(c.vae.config.scaling_factor),
                  scale_factor=c.vae_scale_factor)
+    meta["parameters"] = _decoder_parameters(c.vae)  # the graph holds the decoder half of the VAE only
+    return meta
 
 
 def export_vocoder(profile: str, model_dir: Path, weights: Path | None, seed: int) -> dict[str, Any]:
@@ -653,7 +661,7 @@ def export_pipeline(profile: str, model_dir: Path, weights: Path | None, seed: i
         "parameters": {
             "clap_text_encoder": count_parameters(c.text_encoder),
             "unet": count_parameters(c.unet),
-            "vae_decoder": count_parameters(c.vae.decoder) + count_parameters(c.vae.post_quant_conv),
+            "vae_decoder": _decoder_parameters(c.vae),
             "vocoder": count_parameters(c.vocoder),
         },
     }
