@@ -223,3 +223,17 @@ def test_metrics_endpoint(orchestrator, client: Client) -> None:  # type: ignore
                  'grym_breaker_state{downstream="triton:wav2vec2"} 0.0', "process_resident_memory_bytes",
                  'grym_health_serving{service="grym.v1.Orchestrator"} 1.0'):
         assert name in text, name
+
+
+def test_grafana_dashboard_uses_exported_metric_names(orchestrator) -> None:  # type: ignore[no-untyped-def]
+    """The dashboard in deploy/grafana is built on the metric names: every name it queries must be exported."""
+    import json
+    import re
+
+    dashboard = json.loads((Path(__file__).parent.parent / "deploy/grafana/grym-synth-dashboard.json").read_text())
+    exprs = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    used = set(re.findall(r"\b((?:grym|process)_[a-z_]+)", exprs))
+    text = urllib.request.urlopen(orchestrator.metrics_url, timeout=5).read().decode()
+    families = set(re.findall(r"^# TYPE (\S+)", text, flags=re.M))
+    exported = families | {f + s for f in families for s in ("_total", "_bucket", "_count", "_sum")}
+    assert used and used <= exported, used - exported

@@ -115,15 +115,6 @@ class GrymClient {
     for await (const response of call) yield response;
   }
 
-  /** Server-streaming Generate, when the served API has it; yields every progress event in order. */
-  async *generate(request) {
-    if (typeof this.orchestrator.Generate !== 'function') {
-      throw new Error('this API version has no Generate RPC');
-    }
-    const call = this.orchestrator.Generate(request, { deadline: this.deadline() });
-    for await (const event of call) yield event;
-  }
-
   close() {
     this.orchestrator.close();
   }
