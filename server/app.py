@@ -23,7 +23,10 @@ from server.analysis import MODEL as ANALYSIS_MODEL, AnalysisService
 from server.audio import TARGET_RATE_HZ
 from server.export.repository import build_repository
 from server.export.wav2vec2 import MIN_SAMPLES
-from server.health import SERVICE_NAME, HealthMonitor
+from server.generation import COMPONENT_MODELS as GENERATION_COMPONENTS
+from server.generation import PIPELINE_MODEL as GENERATION_PIPELINE
+from server.generation import GenerationService
+from server.health import HealthMonitor
 from server.metrics import Metrics
 from server.patterns import PatternStore
 from server.cache import LruCache
@@ -153,11 +156,17 @@ class App:
             max_stream_s=s.max_stream_seconds, window_s=s.stream_window_seconds, budget=budget, metrics=self.metrics,
             cache=self.cache,
         )
+        generation = GenerationService(
+            self.triton, analysis, self.store, profile=s.profile, max_duration_s=s.max_generate_seconds,
+            cache=LruCache("generation", max_entries=s.cache_max_entries, max_bytes=s.cache_max_bytes,
+                           metrics=self.metrics),
+            metrics=self.metrics,
+        )
         self.admission = AdmissionControl(s.max_concurrent_requests, s.method_limit_map, metrics=self.metrics)
         self.health = HealthMonitor({"triton": self._triton_ready, "milvus": self._milvus_ready},
-                                    metrics=self.metrics)
+                                    optional={"generation": self._generation_ready}, metrics=self.metrics)
         self.server = self._grpc_server(OrchestratorService(analysis, self.store, self.admission, self.gate,
-                                                            self.metrics))
+                                                            self.metrics, generation))
         await self.server.start()
         log.info("gRPC API bound to %s:%d (NOT_SERVING until Triton and Milvus are ready)", s.host, self.port)
         await self.health.start()
@@ -193,6 +202,14 @@ class App:
             return False
         results = await asyncio.gather(*(self.triton.model_ready(m) for m in REQUIRED_MODELS))
         return all(results)
+
+    async def _generation_ready(self) -> bool:
+        """Generation is optional: a deployment without AudioLDM still serves analysis (Generate answers
+        UNAVAILABLE naming the missing model)."""
+        if self.triton is None:
+            return False
+        models = (GENERATION_PIPELINE, *GENERATION_COMPONENTS)
+        return all(await asyncio.gather(*(self.triton.model_ready(m) for m in models)))
 
     async def _milvus_ready(self) -> bool:
         if self.store is None or not self.store.ready:

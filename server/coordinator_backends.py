@@ -117,6 +117,7 @@ class CoordinatorBackend(Protocol):
         seed: int | None = None,
         deadline_s: float | None = None,
         stop: Sequence[str] | None = None,
+        request_id: str = "",
     ) -> AsyncIterator[TokenEvent]: ...
 
     async def close(self) -> None: ...
@@ -377,11 +378,13 @@ class TritonCoordinatorBackend:
         seed: int | None = None,
         deadline_s: float | None = None,
         stop: Sequence[str] | None = None,
+        request_id: str = "",
     ) -> AsyncIterator[RawToken]:
         """One :class:`RawToken` per Triton response (per generated token), raw text not split into thinking."""
         _validate(max_tokens, temperature, top_p, self.endpoint)
         clock = _Clock(self.endpoint, self.token_timeout_s, deadline_s)
         request = self._request(prompt, max_tokens, temperature, top_p, seed, stop)
+        request["request_id"] = request_id
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield request
@@ -449,13 +452,14 @@ class TritonCoordinatorBackend:
         seed: int | None = None,
         deadline_s: float | None = None,
         stop: Sequence[str] | None = None,
+        request_id: str = "",
     ) -> AsyncIterator[TokenEvent]:
         splitter = ThinkSplitter(start_in_thinking=self.start_in_thinking)
         index = -1
         async with contextlib.aclosing(
             self.stream_tokens(
                 prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                deadline_s=deadline_s, stop=stop,
+                deadline_s=deadline_s, stop=stop, request_id=request_id,
             )
         ) as tokens:
             async for token in tokens:
@@ -546,6 +550,7 @@ class OpenAICoordinatorBackend:
         seed: int | None = None,
         deadline_s: float | None = None,
         stop: Sequence[str] | None = None,
+        request_id: str = "",
     ) -> AsyncIterator[TokenEvent]:
         import aiohttp
 
@@ -554,6 +559,8 @@ class OpenAICoordinatorBackend:
         headers = {"Accept": "text/event-stream"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
+        if request_id:
+            headers["X-Request-Id"] = request_id
         body = self._body(prompt, max_tokens, temperature, top_p, seed, stop)
         wait, reason = clock.next_wait()
         try:

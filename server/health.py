@@ -1,7 +1,8 @@
 """grpc.health.v1 health with per-component status.
 
 Services reported: "" (the whole server), ``grym.v1.Orchestrator`` (same as ""), ``triton`` (server and every
-required model ready) and ``milvus`` (pattern store open and answering). The whole server is SERVING only when
+required model ready), ``milvus`` (pattern store open and answering) and optional features such as
+``generation`` (the AudioLDM models loaded), which do not gate the whole server. The whole server is SERVING only when
 every component is; a monitor task re-checks them so a Triton restart or a lost Milvus connection shows up
 (NOT_SERVING) and recovery flips it back without a restart.
 """
@@ -28,19 +29,23 @@ Probe = Callable[[], Awaitable[bool]]
 class HealthMonitor:
     """Owns the health servicer; probes components periodically and publishes their status."""
 
-    def __init__(self, probes: dict[str, Probe], *, interval_s: float = 2.0, metrics: Metrics | None = None) -> None:
+    def __init__(self, probes: dict[str, Probe], *, optional: dict[str, Probe] | None = None,
+                 interval_s: float = 2.0, metrics: Metrics | None = None) -> None:
         self.servicer = health.aio.HealthServicer()
         self.probes = probes
+        # Reported per service but not required for the whole server to be SERVING (e.g. "generation").
+        self.optional = optional or {}
         self.interval_s = interval_s
         self.metrics = metrics
         self.status: dict[str, bool] = {name: False for name in probes}
+        self.optional_status: dict[str, bool] = {name: False for name in self.optional}
         self.draining = False
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
     async def _publish(self) -> None:
         everything = all(self.status.values()) and not self.draining
-        for name, ok in self.status.items():
+        for name, ok in {**self.status, **self.optional_status}.items():
             await self.servicer.set(name, SERVING if ok else NOT_SERVING)
             if self.metrics:
                 self.metrics.health.labels(name).set(1 if ok else 0)
@@ -54,9 +59,13 @@ class HealthMonitor:
         return all(self.status.values()) and not self.draining
 
     async def check_once(self) -> dict[str, bool]:
-        results = await asyncio.gather(*(self._probe(n, p) for n, p in self.probes.items()))
+        probes = {**self.probes, **self.optional}
+        results = await asyncio.gather(*(self._probe(n, p) for n, p in probes.items()))
         changed = False
-        for name, ok in zip(self.probes, results):
+        for name, ok in zip(probes, results):
+            if name in self.optional:
+                self.optional_status[name] = ok
+                continue
             if self.status.get(name) != ok:
                 log.info("health: %s is %s", name, "SERVING" if ok else "NOT_SERVING")
                 changed = True

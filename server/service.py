@@ -24,6 +24,8 @@ from grym.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc as
 from server.analysis import AnalysisService, StreamConfig, StreamSummary
 from server.audio import Audio, decode_pcm, decode_wav, to_mono_16k
 from server.errors import GrymError, InvalidArgument, Unavailable
+from server.generation import AudioData, GenerateParams, GenerationService, Progress
+from server.generation import validate as validate_generation
 from server.logs import request_id_var
 from server.metrics import Metrics
 from server.patterns import PatternRecord, PatternStore
@@ -73,8 +75,9 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
     """Handlers are built once at start-up; they hold references to the serving objects only."""
 
     def __init__(self, analysis: AnalysisService, store: PatternStore, admission: AdmissionControl, gate: Gate,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, generation: GenerationService) -> None:
         self.analysis = analysis
+        self.generation = generation
         self.store = store
         self.admission = admission
         self.gate = gate
@@ -209,6 +212,27 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             frames=a.frames, embedding=a.embedding.tolist(), features=self._features(a.features),
         )
 
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+        async with self.rpc_scope("Generate", context, request.request_id) as scope:
+            params = _generate_params(request, self.generation.max_duration_s)
+            rid = scope.request_id
+            async for event in self.generation.generate(params, store=request.store, tags=dict(request.tags),
+                                                        deadline=_deadline(context), request_id=rid):
+                if isinstance(event, Progress):
+                    yield pb.GenerateResponse(request_id=rid, progress=pb.GenerateProgress(
+                        step=event.step, total_steps=event.total_steps))
+                elif isinstance(event, AudioData):
+                    last = len(event.wav_chunks) - 1
+                    for i, chunk in enumerate(event.wav_chunks):
+                        yield pb.GenerateResponse(request_id=rid, audio=pb.AudioChunk(
+                            wav_data=chunk, chunk_index=i, last=i == last, sample_rate_hz=event.sample_rate_hz))
+                else:
+                    yield pb.GenerateResponse(request_id=rid, result=pb.GenerateResult(
+                        seed=event.seed, duration_seconds=event.duration_s, sample_rate_hz=event.sample_rate_hz,
+                        frames=event.frames, embedding=event.embedding.tolist(),
+                        pattern_id=event.pattern.id if event.pattern else "", cached=event.cached))
+
     async def SearchPatterns(self, request: pb.SearchPatternsRequest,
                              context: grpc.aio.ServicerContext) -> pb.SearchPatternsResponse:
         async with self.rpc_scope("SearchPatterns", context, request.request_id) as scope:
@@ -265,6 +289,23 @@ async def _drain(requests: AsyncIterator[object], limit_s: float = 2.0) -> None:
         await asyncio.wait_for(consume(), limit_s)
     except Exception:  # a broken or slow upload: the status goes out anyway
         pass
+
+
+SCHEDULER_NAMES = {
+    pb.GenerateRequest.SCHEDULER_UNSPECIFIED: "ddim", pb.GenerateRequest.SCHEDULER_DDIM: "ddim",
+    pb.GenerateRequest.SCHEDULER_DPM_SOLVER: "dpm", pb.GenerateRequest.SCHEDULER_EULER: "euler",
+    pb.GenerateRequest.SCHEDULER_PNDM: "pndm", pb.GenerateRequest.SCHEDULER_LMS: "lms",
+}
+
+
+def _generate_params(request: pb.GenerateRequest, max_duration_s: float) -> GenerateParams:
+    if request.scheduler not in SCHEDULER_NAMES:
+        raise InvalidArgument(f"unknown scheduler {request.scheduler}")
+    return validate_generation(
+        request.prompt, request.negative_prompt, request.duration_seconds, request.steps,
+        request.guidance_scale if request.HasField("guidance_scale") else None,
+        request.seed if request.HasField("seed") else None, SCHEDULER_NAMES[request.scheduler], max_duration_s,
+    )
 
 
 def _require_id(pattern_id: str) -> None:

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
 
     # --- limits -------------------------------------------------------------------------------------------------
     max_audio_seconds: float = Field(60.0, gt=0, description="Longest audio accepted by AnalyzeAudio.")
+    max_generate_seconds: float = Field(30.0, gt=0, description="Longest audio Generate produces.")
     max_stream_seconds: float = Field(600.0, gt=0, description="Longest audio accepted by StreamAnalyze.")
     stream_window_seconds: float = Field(10.0, gt=0, description="StreamAnalyze analysis window length.")
     max_concurrent_requests: int = Field(64, ge=1, description="In-flight RPCs per method before RESOURCE_EXHAUSTED.")

@@ -1,6 +1,7 @@
 """``grym``: command-line client for a grym-synth server.
 
     grym --target localhost:50051 analyze song.wav --store --tag mood=calm
+    grym generate "warm analog pad, slow attack" --seconds 5 --steps 10 --out pad.wav
     grym search --pattern-id 3f2c... --top-k 5
     grym search --like song.wav --tag mood=calm
     grym patterns list | get ID | delete ID
@@ -48,6 +49,18 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--tag", action="append", help="key=value label for the stored pattern (repeatable)")
     analyze.add_argument("--features", action="store_true", help="also fetch per-frame features")
 
+    gen = sub.add_parser("generate", help="generate audio from a text prompt (AudioLDM)")
+    gen.add_argument("prompt")
+    gen.add_argument("--seconds", type=float, default=5.0)
+    gen.add_argument("--steps", type=int, default=10)
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 2.5)")
+    gen.add_argument("--seed", type=int, help="seed for reproducible audio (default: server picks)")
+    gen.add_argument("--negative", default="", help="negative prompt")
+    gen.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "euler", "pndm", "lms"])
+    gen.add_argument("--out", default="generated.wav", help="where to write the WAV")
+    gen.add_argument("--store", action="store_true", help="store the result as a pattern")
+    gen.add_argument("--tag", action="append", help="key=value label for the stored pattern (repeatable)")
+
     search = sub.add_parser("search", help="find similar stored patterns")
     group = search.add_mutually_exclusive_group(required=True)
     group.add_argument("--pattern-id")
@@ -68,6 +81,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bar(step: int, total: int, width: int = 30) -> str:
+    filled = int(width * step / max(total, 1))
+    return f"\r[{'#' * filled}{'.' * (width - filled)}] step {step}/{total}"
+
+
+def _generate(args: argparse.Namespace, client: Client) -> int:
+    chunks: list[bytes] = []
+    for event in client.generate(args.prompt, seconds=args.seconds, steps=args.steps, guidance_scale=args.guidance,
+                                 seed=args.seed, negative_prompt=args.negative, scheduler=args.scheduler,
+                                 store=args.store, tags=_tags(args.tag)):
+        kind = event.WhichOneof("event")
+        if kind == "progress":
+            print(_bar(event.progress.step, event.progress.total_steps), end="", file=sys.stderr, flush=True)
+        elif kind == "audio":
+            chunks.append(event.audio.wav_data)
+        elif kind == "result":
+            print(file=sys.stderr)
+            r = event.result
+            with open(args.out, "wb") as f:
+                f.write(b"".join(chunks))
+            out = {"request_id": event.request_id, "out": args.out, "seed": r.seed,
+                   "duration_seconds": round(r.duration_seconds, 3), "sample_rate_hz": r.sample_rate_hz,
+                   "frames": r.frames, "cached": r.cached}
+            if r.pattern_id:
+                out["pattern_id"] = r.pattern_id
+            print(json.dumps(out, indent=2))
+    return 0
+
+
 def run(args: argparse.Namespace, client: Client) -> int:
     if args.command == "analyze":
         result = client.analyze(args.wav, store=args.store, tags=_tags(args.tag), include_features=args.features)
@@ -79,6 +121,8 @@ def run(args: argparse.Namespace, client: Client) -> int:
         if result.features is not None:
             out["features_shape"] = list(result.features.shape)
         print(json.dumps(out, indent=2))
+    elif args.command == "generate":
+        return _generate(args, client)
     elif args.command == "search":
         if args.like:
             emb = client.analyze(args.like).embedding

@@ -93,6 +93,32 @@ def _stream_requests(samples: np.ndarray, sample_rate_hz: int, include_features:
         yield pb.StreamAnalyzeRequest(audio_content=data[i: i + step])
 
 
+SCHEDULERS = {"ddim": pb.GenerateRequest.SCHEDULER_DDIM, "dpm": pb.GenerateRequest.SCHEDULER_DPM_SOLVER,
+              "euler": pb.GenerateRequest.SCHEDULER_EULER, "pndm": pb.GenerateRequest.SCHEDULER_PNDM,
+              "lms": pb.GenerateRequest.SCHEDULER_LMS}
+
+
+def _generate_request(prompt: str, *, seconds: float, steps: int, guidance_scale: float | None, seed: int | None,
+                      negative_prompt: str, scheduler: str, store: bool, tags: Mapping[str, str] | None,
+                      request_id: str | None) -> pb.GenerateRequest:
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {sorted(SCHEDULERS)}")
+    req = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, prompt=prompt,
+                             negative_prompt=negative_prompt, duration_seconds=seconds, steps=steps,
+                             scheduler=SCHEDULERS[scheduler], store=store, tags=dict(tags or {}))
+    if guidance_scale is not None:
+        req.guidance_scale = guidance_scale
+    if seed is not None:
+        req.seed = seed
+    return req
+
+
+def wav_from_events(events: Sequence[pb.GenerateResponse]) -> bytes:
+    """Join the audio chunks of a Generate stream into one WAV file."""
+    chunks = sorted((e.audio for e in events if e.WhichOneof("event") == "audio"), key=lambda a: a.chunk_index)
+    return b"".join(c.wav_data for c in chunks)
+
+
 def _search_request(embedding: Sequence[float] | None, pattern_id: str | None, top_k: int,
                     tag_filter: Mapping[str, str] | None) -> pb.SearchPatternsRequest:
     req = pb.SearchPatternsRequest(top_k=top_k, tag_filter=dict(tag_filter or {}))
@@ -133,6 +159,19 @@ class Client:
         reqs = _stream_requests(samples, sample_rate_hz, include_features, store, tags, request_id)
         try:
             yield from self.stub.StreamAnalyze(reqs, timeout=self.timeout_s, metadata=self.metadata)
+        except grpc.RpcError as err:
+            raise GrymError.from_rpc(err) from None
+
+    def generate(self, prompt: str, *, seconds: float = 5.0, steps: int = 10, guidance_scale: float | None = None,
+                 seed: int | None = None, negative_prompt: str = "", scheduler: str = "ddim", store: bool = False,
+                 tags: Mapping[str, str] | None = None, request_id: str | None = None,
+                 timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
+        """The Generate event stream: progress events, audio chunks, then one result (see wav_from_events)."""
+        req = _generate_request(prompt, seconds=seconds, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                negative_prompt=negative_prompt, scheduler=scheduler, store=store, tags=tags,
+                                request_id=request_id)
+        try:
+            yield from self.stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
         except grpc.RpcError as err:
             raise GrymError.from_rpc(err) from None
 
@@ -204,6 +243,20 @@ class AsyncClient:
         try:
             async for resp in self.stub.StreamAnalyze(reqs, timeout=self.timeout_s, metadata=self.metadata):
                 yield resp
+        except grpc.RpcError as err:
+            raise GrymError.from_rpc(err) from None
+
+    async def generate(self, prompt: str, *, seconds: float = 5.0, steps: int = 10,
+                       guidance_scale: float | None = None, seed: int | None = None, negative_prompt: str = "",
+                       scheduler: str = "ddim", store: bool = False, tags: Mapping[str, str] | None = None,
+                       request_id: str | None = None,
+                       timeout_s: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
+        req = _generate_request(prompt, seconds=seconds, steps=steps, guidance_scale=guidance_scale, seed=seed,
+                                negative_prompt=negative_prompt, scheduler=scheduler, store=store, tags=tags,
+                                request_id=request_id)
+        try:
+            async for event in self.stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata):
+                yield event
         except grpc.RpcError as err:
             raise GrymError.from_rpc(err) from None
 

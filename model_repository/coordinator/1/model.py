@@ -15,6 +15,8 @@ Protocol (tensor names are read from the model config and validated at load):
   outputs text (BYTES, decoded delta), token_id (INT32, -1 on a terminal response without a token),
           finish_reason (BYTES, only on the last response: "stop" | "length" | "cancelled")
 Every request ends with exactly one response flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL, also after errors.
+Each finished request logs ``coordinator request <id> finished reason=<r> tokens=<n>``. (No pb_utils custom metrics:
+``Metric.increment`` blocks forever when called from a worker thread in this python backend version.)
 """
 
 from __future__ import annotations
