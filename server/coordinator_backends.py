@@ -577,27 +577,29 @@ class OpenAICoordinatorBackend:
             splitter = ThinkSplitter(start_in_thinking=self.start_in_thinking)
             index = -1
             finish_reason: str | None = None
-            async for data in self._sse(response, clock):
-                if data == "[DONE]":
-                    break
-                chunk = self._decode(data)
-                for choice in chunk.get("choices") or []:
-                    if choice.get("index", 0) != 0:
-                        continue
-                    delta = choice.get("delta") or {}
-                    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-                    content = delta.get("content")
-                    if reasoning or content:
-                        index += 1
-                    if reasoning:
-                        yield TokenEvent(reasoning, "thinking", index)
-                    if content:
-                        for event in _events(splitter.feed(content), index):
-                            yield event
-                    finish_reason = choice.get("finish_reason") or finish_reason
-            else:
-                if finish_reason is None:
-                    raise CoordinatorUnavailable(self.endpoint, "stream closed before completion")
+            done = False
+            async with contextlib.aclosing(self._sse(response, clock)) as payloads:
+                async for data in payloads:
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    chunk = self._decode(data)
+                    for choice in chunk.get("choices") or []:
+                        if choice.get("index", 0) != 0:
+                            continue
+                        delta = choice.get("delta") or {}
+                        reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                        content = delta.get("content")
+                        if reasoning or content:
+                            index += 1
+                        if reasoning:
+                            yield TokenEvent(reasoning, "thinking", index)
+                        if content:
+                            for event in _events(splitter.feed(content), index):
+                                yield event
+                        finish_reason = choice.get("finish_reason") or finish_reason
+            if not done and finish_reason is None:
+                raise CoordinatorUnavailable(self.endpoint, "stream closed before completion")
             for event in _events(splitter.flush(), index):
                 yield event
             kind: Kind = "thinking" if splitter.in_thinking else "answer"

@@ -37,6 +37,16 @@ def pytriton_root() -> Path:
     return Path(pytriton.__file__).resolve().parent / "tritonserver"
 
 
+def interpreter_libdir() -> str | None:
+    """Directory holding this interpreter's shared libpython, when it was built with one."""
+    import sysconfig
+
+    libdir, lib = sysconfig.get_config_var("LIBDIR"), sysconfig.get_config_var("LDLIBRARY")
+    if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and lib and (Path(libdir) / lib).exists():
+        return str(libdir)
+    return None
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A port the OS reports free right now (the small race with other binders is acceptable for loopback)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -147,6 +157,12 @@ class EmbeddedTriton:
         env = dict(os.environ)
         venv_bin = str(Path(sys.executable).parent)
         env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+        # The stub must link the libpython of *this* interpreter: it loads this interpreter's stdlib extension
+        # modules, and a different patch release of libpython (e.g. the system's 3.11.2 vs a 3.11.7 venv) lacks
+        # symbols they need (ImportError in _ssl as soon as a model imports huggingface_hub).
+        libdir = interpreter_libdir()
+        if libdir:
+            env["LD_LIBRARY_PATH"] = libdir + os.pathsep + env.get("LD_LIBRARY_PATH", "")
         # One ORT/torch thread pool per stub process is sized by the model configs, not by OMP defaults.
         env.setdefault("OMP_NUM_THREADS", "1")
         return env

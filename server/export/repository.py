@@ -30,10 +30,15 @@ FORMAT_VERSION = 1
 # model folder -> "module:function" implementing export(profile, model_dir, weights, seed) -> dict
 EXPORTERS: dict[str, str] = {
     "wav2vec2": "server.export.wav2vec2:export",
+    "clap_text_encoder": "server.export.audioldm:export_clap",
+    "unet": "server.export.audioldm:export_unet",
+    "vae_decoder": "server.export.audioldm:export_vae_decoder",
+    "vocoder": "server.export.audioldm:export_vocoder",
+    "audioldm": "server.export.audioldm:export_pipeline",
 }
 
 # Every model the product serves (the test-suite's shared Triton loads all of them).
-ALL_MODELS: tuple[str, ...] = ("wav2vec2",)
+ALL_MODELS: tuple[str, ...] = ("wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder", "audioldm")
 # What `grym-synth serve` builds by default.
 DEFAULT_MODELS: tuple[str, ...] = ALL_MODELS
 
