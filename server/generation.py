@@ -9,8 +9,10 @@ failure never leaves half a record.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 
@@ -19,7 +21,7 @@ import numpy as np
 from server.analysis import AnalysisService
 from server.audio import TARGET_RATE_HZ, encode_wav, to_mono_16k
 from server.cache import LruCache, digest
-from server.errors import DownstreamError, InvalidArgument
+from server.errors import DownstreamError, InvalidArgument, Unavailable
 from server.metrics import Metrics
 from server.patterns import PatternRecord, PatternStore, validate_tags
 from server.triton_client import TritonClient
@@ -124,6 +126,19 @@ class GenerationService:
         self.max_duration_s = max_duration_s
         self.cache = cache
         self.metrics = metrics
+        self._ready_until = 0.0
+
+    async def check_models(self) -> None:
+        """UNAVAILABLE naming the first model that is not loaded, before any model runs (cached for 2 s)."""
+        if time.monotonic() < self._ready_until:
+            return
+        models = (PIPELINE_MODEL, *COMPONENT_MODELS)
+        ready = await asyncio.gather(*(self.triton.model_ready(m) for m in models))
+        missing = [m for m, ok in zip(models, ready) if not ok]
+        if missing:
+            raise Unavailable(f"triton:{missing[0]}", f"model(s) {', '.join(missing)} not loaded in Triton at "
+                              f"{self.triton.url}; generation needs {', '.join(models)}")
+        self._ready_until = time.monotonic() + 2.0
 
     def _cache_key(self, p: GenerateParams) -> str | None:
         if p.seed is None:
@@ -158,6 +173,8 @@ class GenerationService:
         tags = validate_tags(tags)
         key = self._cache_key(p)
         hit = self.cache.get(key) if self.cache is not None and key else None
+        if hit is None:
+            await self.check_models()
         if hit is not None:
             samples, seed = hit
             cached = True

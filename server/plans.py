@@ -200,9 +200,10 @@ def _step_label(raw: Any, index: int) -> str:
 def _describe_schema_error(error: ValidationError, data: Mapping[str, Any]) -> str:
     """Turn a jsonschema error into 'step 'gen' param 'duration_s' must be 0.5..30, got 45'."""
     path = list(error.absolute_path)
-    if not path or path[0] != "steps" or len(path) < 2:
-        where = "plan" if not path else "plan field " + ".".join(str(p) for p in path)
-        return f"{where}: {_describe_value_error(error)}"
+    if not path:
+        return f"plan: {error.message}"
+    if path[0] != "steps" or len(path) < 2:
+        return f"plan field {'.'.join(str(p) for p in path)!r} {_describe_value_error(error)}"
     label = _step_label(data["steps"][path[1]], int(path[1]))
     step_type = data["steps"][path[1]].get("type") if isinstance(data["steps"][path[1]], Mapping) else None
     rest = path[2:]
@@ -225,6 +226,8 @@ def _describe_value_error(error: ValidationError) -> str:
     if error.validator in ("minLength", "maxLength"):
         lo, hi = schema.get("minLength", 0), schema.get("maxLength")
         return f"must be {lo}..{hi} characters, got {len(error.instance)}"
+    if error.validator == "const":
+        return f"must be {schema.get('const')!r}, got {error.instance!r}"
     if error.validator == "enum":
         return f"must be one of {', '.join(map(str, schema.get('enum', [])))}; got {error.instance!r}"
     return f"is invalid: {error.message}"
@@ -441,9 +444,12 @@ def strip_thinking(text: str) -> str:
 
 
 def _objects_in(text: str) -> list[dict[str, Any]]:
-    """JSON objects in ``text``: strict decoding at each '{' (fast, C), then a lenient balanced-brace scan."""
+    """JSON objects in ``text``: strict decoding at each '{' (fast, C); when that finds no plan-like object, also
+    a lenient balanced-brace scan (a trailing comma breaks the outer object while its inner steps still parse)."""
     found = _decode_objects(text)
-    return found if found else _lenient_objects(text)
+    if any("steps" in obj for obj in found):
+        return found
+    return found + _lenient_objects(text)
 
 
 def _decode_objects(text: str) -> list[dict[str, Any]]:

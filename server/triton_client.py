@@ -184,6 +184,8 @@ class TritonClient:
             yield request
 
         async with breaker.guard():
+            responses = None
+            finished = False
             try:
                 responses = self._client().stream_infer(requests(), stream_timeout=timeout)
                 async for result, error in responses:
@@ -194,11 +196,17 @@ class TritonClient:
                     if response.outputs:
                         yield {o.name: result.as_numpy(o.name) for o in response.outputs}
                     if final is not None and final.bool_param:
+                        finished = True
                         return
             except (asyncio.CancelledError, GeneratorExit, GrymError):
                 raise
             except BaseException as exc:
                 raise classify(model, exc, client_bound=client_bound) from None
+            finally:
+                if responses is not None and not finished:
+                    # The consumer went away (cancelled, deadline, error): cancel the gRPC stream so Triton
+                    # cancels the request and the model stops (a decoupled model checks is_cancelled()).
+                    responses.cancel()
 
     # --- control plane ------------------------------------------------------------------------------------------
     async def server_ready(self) -> bool:

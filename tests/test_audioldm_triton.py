@@ -1,7 +1,9 @@
 """AudioLDM on a real tritonserver (tiny profile): parity with diffusers, streaming, cancellation, batching, errors.
 
-One tritonserver for the module serves the five AudioLDM models built from the templates by the exporters (seed
-SEED). The diffusers reference is ``AudioLDMPipeline`` over the very same seeded components (the exporter caches
+The server is the session's shared tritonserver (tests/conftest.py ``triton``) when it serves the tiny AudioLDM
+models built with seed SEED, else one started for this module over a repository with just those five models. The
+tests use per-test deltas of Triton's statistics, so other traffic before them does not matter. The diffusers
+reference is ``AudioLDMPipeline`` over the very same seeded components (the exporter caches
 them per (profile, weights, seed)) and the tokenizer loaded from the built repository, i.e. from disk, like the
 pipeline model does.
 
@@ -19,7 +21,6 @@ import json
 import os
 import queue
 import sys
-import sysconfig
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,11 +32,11 @@ import pytest
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 
 from server.export import audioldm  # noqa: E402
+from server.export.repository import build_repository  # noqa: E402
 from server.triton_process import EmbeddedTriton  # noqa: E402
 
 SEED = 0
 WAVEFORM_ATOL = 1e-5
-TEMPLATES = Path(__file__).resolve().parent.parent / "model_repository"
 PIPELINE = "audioldm"
 PROMPT = "A hammer hitting a wooden surface"
 
@@ -43,26 +44,12 @@ PROMPT = "A hammer hitting a wooden surface"
 # ----------------------------------------------------------------------------------------------------------------
 # server
 # ----------------------------------------------------------------------------------------------------------------
-def build_audioldm_repository(out_dir: Path, profile: str = "tiny", seed: int = SEED) -> dict:
-    """Copy the five AudioLDM templates and run their exporters (what server.export.repository.build_repository
-    does once the lead registers audioldm.EXPORTERS)."""
-    import shutil
-
-    manifest = {}
-    for name, export in audioldm.EXPORTERS.items():
-        dst = out_dir / name
-        shutil.copytree(TEMPLATES / name, dst, ignore=shutil.ignore_patterns("__pycache__", "*.onnx"))
-        (dst / "1").mkdir(exist_ok=True)
-        manifest[name] = export(profile, dst, None, seed)
-    return manifest
-
-
 def _shared_triton(request):
     """The session's shared tritonserver (tests/conftest.py ``triton``) when it serves a tiny AudioLDM built with
     SEED — the reference below must use the same weights — else None."""
     try:
         shared = request.getfixturevalue("triton")
-    except pytest.FixtureLookupError:
+    except Exception:  # no such fixture (FixtureLookupError), or it could not start: use our own server
         return None
     manifest_path = Path(shared.repo_dir) / "manifest.json"
     if not manifest_path.exists():
@@ -86,18 +73,7 @@ def server(request, tmp_path_factory):
         yield shared
         return
     root = tmp_path_factory.mktemp("audioldm_triton")
-    build_audioldm_repository(root / "repo")
-    env = {
-        # The python backend stub links the system libpython3.11 while sys.path is this venv's CPython 3.11.7, whose
-        # _ssl needs newer symbols: `import transformers/diffusers` (-> huggingface_hub -> ssl) fails inside the stub
-        # unless the stub loads the venv interpreter's own shared libpython. (Reported to the lead for
-        # server/triton_process.py; harmless when already set.)
-        "LD_LIBRARY_PATH": os.pathsep.join(
-            p for p in (sysconfig.get_config_var("LIBDIR"), os.environ.get("LD_LIBRARY_PATH")) if p
-        ),
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
+    build_repository("tiny", root / "repo", models=audioldm.MODELS, seed=SEED)
     triton = EmbeddedTriton(
         root / "repo",
         root / "triton.log",
@@ -110,11 +86,6 @@ def server(request, tmp_path_factory):
         yield triton
     finally:
         triton.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @pytest.fixture(scope="module")

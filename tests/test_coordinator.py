@@ -234,25 +234,35 @@ def test_detokenizer_emits_only_complete_utf8_characters(checkpoint):
 
     module = _load_model_module()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, local_files_only=True)
+    table = module.TokenBytes(tokenizer)
+    assert table.byte_level
     for text in UNICODE_SAMPLES:
         text = unicodedata.normalize("NFC", text)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        detok = module.IncrementalDetokenizer(tokenizer)
+        detok = module.IncrementalDetokenizer(table)
         deltas = [detok.push(i) for i in ids] + [detok.flush()]
         assert "".join(deltas) == text
         assert all("\ufffd" not in d for d in deltas), deltas
     # the emoji is split over several byte-level tokens: the partial ones emit nothing
     ids = tokenizer("🎵", add_special_tokens=False)["input_ids"]
     assert len(ids) > 1
-    detok = module.IncrementalDetokenizer(tokenizer)
+    detok = module.IncrementalDetokenizer(table)
     assert [detok.push(i) for i in ids] == [""] * (len(ids) - 1) + ["🎵"]
     # special tokens produce no text; invalid byte sequences become U+FFFD exactly like tokenizer.decode
-    detok = module.IncrementalDetokenizer(tokenizer)
+    detok = module.IncrementalDetokenizer(table)
     assert detok.push(tokenizer.eos_token_id) == ""
     rng = random.Random(1)
     ids = [rng.randrange(len(tokenizer)) for _ in range(300)]
-    detok = module.IncrementalDetokenizer(tokenizer)
+    detok = module.IncrementalDetokenizer(table)
     assert "".join(detok.push(i) for i in ids) + detok.flush() == tokenizer.decode(ids, skip_special_tokens=True)
+    # the sliding-window fallback (non byte-level tokenizers) gives the same complete-character deltas
+    window = module.TokenBytes(tokenizer)
+    window.byte_level = False
+    for text in UNICODE_SAMPLES:
+        text = unicodedata.normalize("NFC", text)
+        detok = module.IncrementalDetokenizer(window)
+        deltas = [detok.push(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]] + [detok.flush()]
+        assert "".join(deltas) == text and all("\ufffd" not in d for d in deltas)
 
 
 def test_stop_string_filter_holds_back_partial_matches():

@@ -157,10 +157,7 @@ class Client:
                        store: bool = False, tags: Mapping[str, str] | None = None,
                        request_id: str | None = None) -> Iterator[pb.StreamAnalyzeResponse]:
         reqs = _stream_requests(samples, sample_rate_hz, include_features, store, tags, request_id)
-        try:
-            yield from self.stub.StreamAnalyze(reqs, timeout=self.timeout_s, metadata=self.metadata)
-        except grpc.RpcError as err:
-            raise GrymError.from_rpc(err) from None
+        yield from self._server_stream(self.stub.StreamAnalyze(reqs, timeout=self.timeout_s, metadata=self.metadata))
 
     def generate(self, prompt: str, *, seconds: float = 5.0, steps: int = 10, guidance_scale: float | None = None,
                  seed: int | None = None, negative_prompt: str = "", scheduler: str = "ddim", store: bool = False,
@@ -170,10 +167,18 @@ class Client:
         req = _generate_request(prompt, seconds=seconds, steps=steps, guidance_scale=guidance_scale, seed=seed,
                                 negative_prompt=negative_prompt, scheduler=scheduler, store=store, tags=tags,
                                 request_id=request_id)
+        yield from self._server_stream(self.stub.Generate(req, timeout=timeout_s or self.timeout_s,
+                                                          metadata=self.metadata))
+
+    @staticmethod
+    def _server_stream(call):  # type: ignore[no-untyped-def]
+        """Iterate a streaming call; a consumer that stops early cancels it, so the server stops working."""
         try:
-            yield from self.stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata)
+            yield from call
         except grpc.RpcError as err:
             raise GrymError.from_rpc(err) from None
+        finally:
+            call.cancel()  # no-op when the call already finished
 
     def search(self, *, embedding: Sequence[float] | None = None, pattern_id: str | None = None, top_k: int = 10,
                tag_filter: Mapping[str, str] | None = None) -> list[pb.PatternMatch]:
@@ -240,11 +245,20 @@ class AsyncClient:
                              store: bool = False, tags: Mapping[str, str] | None = None,
                              request_id: str | None = None) -> AsyncIterator[pb.StreamAnalyzeResponse]:
         reqs = _stream_requests(samples, sample_rate_hz, include_features, store, tags, request_id)
+        async for resp in self._server_stream(self.stub.StreamAnalyze(reqs, timeout=self.timeout_s,
+                                                                      metadata=self.metadata)):
+            yield resp
+
+    @staticmethod
+    async def _server_stream(call):  # type: ignore[no-untyped-def]
+        """Iterate a streaming call; a consumer that stops early (break, cancellation) cancels it."""
         try:
-            async for resp in self.stub.StreamAnalyze(reqs, timeout=self.timeout_s, metadata=self.metadata):
-                yield resp
+            async for item in call:
+                yield item
         except grpc.RpcError as err:
             raise GrymError.from_rpc(err) from None
+        finally:
+            call.cancel()
 
     async def generate(self, prompt: str, *, seconds: float = 5.0, steps: int = 10,
                        guidance_scale: float | None = None, seed: int | None = None, negative_prompt: str = "",
@@ -254,11 +268,9 @@ class AsyncClient:
         req = _generate_request(prompt, seconds=seconds, steps=steps, guidance_scale=guidance_scale, seed=seed,
                                 negative_prompt=negative_prompt, scheduler=scheduler, store=store, tags=tags,
                                 request_id=request_id)
-        try:
-            async for event in self.stub.Generate(req, timeout=timeout_s or self.timeout_s, metadata=self.metadata):
-                yield event
-        except grpc.RpcError as err:
-            raise GrymError.from_rpc(err) from None
+        async for event in self._server_stream(self.stub.Generate(req, timeout=timeout_s or self.timeout_s,
+                                                                   metadata=self.metadata)):
+            yield event
 
     async def search(self, *, embedding: Sequence[float] | None = None, pattern_id: str | None = None,
                      top_k: int = 10, tag_filter: Mapping[str, str] | None = None) -> list[pb.PatternMatch]:

@@ -57,27 +57,21 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-class IncrementalDetokenizer:
-    """Turns a token-id stream into text deltas that only ever contain complete UTF-8 characters.
+class TokenBytes:
+    """Per-checkpoint table token id -> exact bytes, shared by all requests (built lazily, GIL-safe dict writes).
 
-    Byte-level BPE tokens are arbitrary byte strings (an emoji is often split over two tokens), so decoding token by
-    token would emit U+FFFD garbage. For byte-level tokenizers each token is mapped to its exact bytes and fed to an
-    incremental UTF-8 decoder, which holds incomplete sequences until the next token completes them. Other tokenizers
-    (e.g. SentencePiece) fall back to re-decoding a sliding window and emitting only the stable suffix.
-    Special tokens (BOS/EOS/pad) are skipped, like ``decode(skip_special_tokens=True)``.
-    """
+    Why: byte-level BPE tokens are arbitrary byte strings (an emoji is often split over two tokens), so decoding
+    token by token would emit U+FFFD garbage. Mapping each token to its bytes lets an incremental UTF-8 decoder hold
+    incomplete sequences until the next token completes them. Special tokens (BOS/EOS/pad) map to no bytes, like
+    ``decode(skip_special_tokens=True)``; ids beyond the tokenizer (padded embedding rows) too."""
 
     def __init__(self, tokenizer) -> None:
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
+        self.byte_level = self._is_byte_level(tokenizer)
         self._special_ids = set(tokenizer.all_special_ids)
         self._added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items() if i not in self._special_ids}
-        self._byte_level = self._is_byte_level(tokenizer)
         self._byte_decoder = {c: b for b, c in _bytes_to_unicode().items()}
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._cache: dict[int, bytes] = {}
-        self._ids: list[int] = []
-        self._prefix_offset = 0
-        self._read_offset = 0
 
     @staticmethod
     def _is_byte_level(tokenizer) -> bool:
@@ -88,7 +82,7 @@ class IncrementalDetokenizer:
         kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", []) or []}
         return "ByteLevel" in kinds
 
-    def token_bytes(self, token_id: int) -> bytes:
+    def __call__(self, token_id: int) -> bytes:
         cached = self._cache.get(token_id)
         if cached is not None:
             return cached
@@ -97,8 +91,8 @@ class IncrementalDetokenizer:
         elif token_id in self._added:
             data = self._added[token_id].encode("utf-8")
         else:
-            piece = self._tokenizer.convert_ids_to_tokens(token_id)
-            if piece is None:  # id beyond the tokenizer (padded embedding rows) — carries no text
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if piece is None:
                 data = b""
             else:
                 try:
@@ -108,21 +102,35 @@ class IncrementalDetokenizer:
         self._cache[token_id] = data
         return data
 
+
+class IncrementalDetokenizer:
+    """Turns one request's token-id stream into text deltas that only ever contain complete UTF-8 characters.
+
+    Byte-level tokenizers: exact token bytes into an incremental UTF-8 decoder (see :class:`TokenBytes`). Other
+    tokenizers (e.g. SentencePiece) fall back to re-decoding a sliding window and emitting only the stable suffix."""
+
+    def __init__(self, table: TokenBytes) -> None:
+        self._table = table
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._ids: list[int] = []
+        self._prefix_offset = 0
+        self._read_offset = 0
+
     def push(self, token_id: int) -> str:
-        if self._byte_level:
-            return self._utf8.decode(self.token_bytes(token_id))
+        if self._table.byte_level:
+            return self._utf8.decode(self._table(token_id))
         self._ids.append(token_id)
         return self._window_delta(final=False)
 
     def flush(self) -> str:
-        if self._byte_level:
+        if self._table.byte_level:
             return self._utf8.decode(b"", final=True)
         return self._window_delta(final=True)
 
     def _window_delta(self, final: bool) -> str:
-        decode = lambda ids: self._tokenizer.decode(  # noqa: E731
-            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+        def decode(ids: list[int]) -> str:
+            return self._table.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
         prefix = decode(self._ids[self._prefix_offset : self._read_offset])
         full = decode(self._ids[self._prefix_offset :])
         if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
@@ -189,6 +197,9 @@ class TritonPythonModel:
         self.model = AutoModelForCausalLM.from_pretrained(checkpoint, local_files_only=True, dtype=dtype)
         self.model.to(self.device).eval()
         self._eos_ids = self._eos_token_ids()
+        # looked up once: get_vocab() builds a dict of the whole vocabulary (150k entries for real checkpoints)
+        self._has_think_token = THINK_OPEN in self.tokenizer.get_vocab()
+        self._token_bytes = TokenBytes(self.tokenizer)
         # Ids >= tokenizer size are padded embedding rows (e.g. 152064 vs 151665 for DeepSeek-R1-Distill-Qwen); they
         # decode to nothing, so they are never sampled.
         self._vocab_limit = len(self.tokenizer)
@@ -350,7 +361,7 @@ class TritonPythonModel:
         rendered = self.tokenizer.apply_chat_template(
             [{"role": "user", "content": user_prompt}], tokenize=False, add_generation_prompt=True
         )
-        if THINK_OPEN in self.tokenizer.get_vocab() and not rendered.endswith(THINK_PREFILL):
+        if self._has_think_token and not rendered.endswith(THINK_PREFILL):
             rendered += THINK_PREFILL
         return self.tokenizer(rendered, add_special_tokens=False)["input_ids"]
 
@@ -374,7 +385,7 @@ class TritonPythonModel:
     def _generate(self, sender, options: dict) -> tuple[str, int]:
         """KV-cached decode loop. Returns (finish_reason, tokens generated)."""
         generator = torch.Generator(device="cpu").manual_seed(options["seed"])
-        detok = IncrementalDetokenizer(self.tokenizer)
+        detok = IncrementalDetokenizer(self._token_bytes)
         stops = StopStringFilter(options["stops"])
         max_tokens = options["max_tokens"]
         produced = 0
