@@ -232,7 +232,9 @@ class _Clock:
 
     def expired(self, reason: str) -> CoordinatorTimeout:
         if reason == "deadline":
-            return CoordinatorTimeout(self.endpoint, f"coordinator {self.endpoint} exceeded the {self.deadline_s:.1f}s deadline")
+            return CoordinatorTimeout(
+                self.endpoint, f"coordinator {self.endpoint} exceeded the {self.deadline_s:.1f}s deadline"
+            )
         return CoordinatorTimeout(
             self.endpoint, f"coordinator {self.endpoint} produced no token for {self.token_timeout_s:.1f}s"
         )
@@ -360,7 +362,8 @@ class TritonCoordinatorBackend:
         if isinstance(exc, InferenceServerException):
             message = exc.message() or str(exc)
             lowered = message.lower()
-            if any(s in lowered for s in ("unknown model", "not ready", "unavailable", "at capacity", "failed to connect")):
+            unavailable = ("unknown model", "not ready", "unavailable", "at capacity", "failed to connect")
+            if any(s in lowered for s in unavailable):
                 return CoordinatorUnavailable(self.endpoint, message)
             if any(s in lowered for s in ("must be", "unexpected inference input", "invalid")):
                 return CoordinatorRequestError(self.endpoint, message)

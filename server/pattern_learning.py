@@ -50,7 +50,9 @@ MAX_KEYWORDS = 8
 DESCRIPTIVE_TAGS = ("mood", "genre", "instruments", "instrument", "style", "tempo", "era", "label")
 # Tags that say where a pattern came from, not what it sounds like: useless as cluster labels.
 BOOKKEEPING_TAGS = frozenset({"source", "planner", "segment", "varied_from", "workflow_id", "tempo_bpm"})
-STOPWORDS = FILLER | frozenset("with and music tempo bpm the around low quality".split())
+STOPWORDS = FILLER | frozenset(
+    "with and music tempo bpm the around low quality one two three four five six seven eight nine ten half "
+    "any other".split())
 
 
 # --- feedback -------------------------------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ class Cluster:
 async def fetch_embeddings(store: PatternStore, *, max_patterns: int = MAX_CLUSTER_PATTERNS) -> list[PatternRecord]:
     """Every stored pattern with its vector, newest ``max_patterns`` when memory is larger, sorted by id so that
     clustering sees the same order every time."""
-    keys = await store._run(lambda: store._all_keys(""))
+    keys: list[dict[str, Any]] = list(await store._run(lambda: store._all_keys("")))
     keys.sort(key=lambda r: (-int(r["created_at_us"]), str(r["id"])))
     ids = sorted(str(r["id"]) for r in keys[:max_patterns])
     records: list[PatternRecord] = []
@@ -374,7 +376,8 @@ def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
 def _describe_cluster(index: int, members: list[PatternRecord], vectors: np.ndarray, centroid: np.ndarray,
                       ratings: Mapping[str, RatingSummary]) -> Cluster:
     top_tags = _common_tags(members)
-    words = _common_words(members)
+    tag_terms = {w for v in top_tags.values() for w in keywords_all(v)}
+    words = _common_words(members, exclude=tag_terms)
     terms = [v for t in top_tags.values() for v in t.split(",")] + words
     label = ", ".join(dict.fromkeys(t.strip() for t in terms if t.strip())) or "unlabelled"
     rated = [ratings[m.id] for m in members if m.id in ratings]
@@ -396,9 +399,12 @@ def _common_tags(members: Sequence[PatternRecord], *, share: float = 0.5, limit:
     return out
 
 
-def _common_words(members: Sequence[PatternRecord], *, share: float = 0.3, limit: int = 3) -> list[str]:
-    """Prompt words found in at least 30% of the members' prompts (counted once per member)."""
-    counts = Counter(w for m in members for w in set(keywords_all(m.metadata.get("prompt", ""))))
+def _common_words(members: Sequence[PatternRecord], *, exclude: Iterable[str] = (), share: float = 0.3,
+                  limit: int = 3) -> list[str]:
+    """Prompt words found in at least 30% of the members' prompts (counted once per member), other than the words
+    the label already has from tags."""
+    skip = set(exclude)
+    counts = Counter(w for m in members for w in set(keywords_all(m.metadata.get("prompt", ""))) if w not in skip)
     ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
     return [w for w, n in ranked if n >= share * len(members)][:limit]
 

@@ -242,8 +242,8 @@ def _describe_container_error(error: ValidationError, container: str, step_type:
         missing = error.message.split("'")[1] if "'" in error.message else error.message
         return f"{container[:-1]} {missing!r} is required"
     if error.validator == "enum" and container == "inputs":
-        known = ", ".join(INPUT_RULES.get(str(step_type), {})) or "none"
-        return f"has no input {error.instance!r}; {step_type} inputs: {known}"
+        inputs = ", ".join(INPUT_RULES.get(str(step_type), {})) or "none"
+        return f"has no input {error.instance!r}; {step_type} inputs: {inputs}"
     if error.validator == "maxProperties" and container == "inputs" and step_type == "generate":
         return "generate steps take no inputs"
     return f"{container}: {error.message}"
@@ -797,13 +797,11 @@ class RuleBasedPlanner:
         for record in recalled:
             meta = record.metadata
             try:
-                found = {"steps": int(meta["steps"]), "guidance_scale": float(meta["guidance_scale"]),
-                         "scheduler": meta["scheduler"]}
+                steps, guidance, scheduler = int(meta["steps"]), float(meta["guidance_scale"]), meta["scheduler"]
             except (KeyError, ValueError):
                 continue
-            if 1 <= found["steps"] <= 100 and 0 <= found["guidance_scale"] <= 20 and found["scheduler"] in (
-                    "ddim", "dpm"):
-                return found
+            if 1 <= steps <= 100 and 0 <= guidance <= 20 and scheduler in ("ddim", "dpm"):
+                return {"steps": steps, "guidance_scale": guidance, "scheduler": scheduler}
         return settings
 
     def _generation_steps(self, f: RequestFeatures, request: str, segments: list[float], base_seed: int,

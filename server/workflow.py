@@ -166,7 +166,7 @@ class StepContext:
     step_id: str
     request_id: str
     deadline: float | None  # time.monotonic() value, as elsewhere in the orchestrator
-    _emit: Callable[..., None] = field(repr=False)
+    _emit: Callable[..., Any] = field(repr=False)
 
     async def progress(self, done: int, total: int, message: str = "") -> None:
         """Report progress (e.g. denoising step ``done`` of ``total``); shows up as a StepProgress event."""
@@ -262,8 +262,8 @@ class ContextAdapter(Protocol):
 class GenerateToAnalyze:
     """Pass the waveform (and its provenance, which analysis hands on to a store step)."""
 
-    sources = ("generate", "vary")
-    target = "analyze"
+    sources: ClassVar[tuple[str, ...]] = ("generate", "vary")
+    target: ClassVar[str] = "analyze"
 
     def __call__(self, link: Link) -> dict[str, Any]:
         return {"audio": link.outputs["audio"], "sample_rate_hz": link.outputs.get("sample_rate_hz"),
@@ -273,8 +273,8 @@ class GenerateToAnalyze:
 class AnalysisToStore:
     """Embedding plus provenance metadata, so the stored pattern can be regenerated exactly."""
 
-    sources = ("analyze",)
-    target = "store"
+    sources: ClassVar[tuple[str, ...]] = ("analyze",)
+    target: ClassVar[str] = "store"
 
     def __call__(self, link: Link) -> dict[str, Any]:
         return {"embedding": link.outputs["embedding"], "duration_s": float(link.outputs.get("duration_s") or 0.0),
@@ -285,8 +285,8 @@ class AnalysisToStore:
 class GenerateToStore:
     """Store straight from audio: the store executor analyses it first."""
 
-    sources = ("generate", "vary")
-    target = "store"
+    sources: ClassVar[tuple[str, ...]] = ("generate", "vary")
+    target: ClassVar[str] = "store"
 
     def __call__(self, link: Link) -> dict[str, Any]:
         audio, rate = link.outputs["audio"], link.outputs.get("sample_rate_hz")
@@ -300,8 +300,8 @@ class GenerateToStore:
 class AnalysisToRecall:
     """Recall patterns similar to freshly analysed audio."""
 
-    sources = ("analyze",)
-    target = "recall"
+    sources: ClassVar[tuple[str, ...]] = ("analyze",)
+    target: ClassVar[str] = "recall"
 
     def __call__(self, link: Link) -> dict[str, Any]:
         return {"embedding": link.outputs["embedding"]}
@@ -314,8 +314,8 @@ class RecallToVary:
     seed moves by ``variation`` (default 1), which draws new noise for the same prompt and settings — the piece
     stays recognisably "like" the original. An explicit ``seed`` and other overrides on the vary step win."""
 
-    sources = ("recall",)
-    target = "vary"
+    sources: ClassVar[tuple[str, ...]] = ("recall",)
+    target: ClassVar[str] = "vary"
 
     def __call__(self, link: Link) -> dict[str, Any]:
         record = _recalled_pattern(link)
@@ -616,8 +616,9 @@ class WorkflowEngine:
     async def _run_step(self, run: WorkflowRun, step: Step, tg: asyncio.TaskGroup) -> None:
         record = run.steps[step.id]
         record.state, record.started_at_us = StepState.RUNNING, now_us()
-        run.emit(StepStarted, step_id=step.id, step_type=step.type)
         await self._persist_step(run, record)
+        # Emitted right before the executor is called (no await in between): "started" means it really runs.
+        run.emit(StepStarted, step_id=step.id, step_type=step.type)
         t0 = time.monotonic()
         try:
             inputs = self.adapters.resolve(step, run.plan, run.outputs, run.workflow_id)
@@ -749,7 +750,10 @@ class WorkflowEngine:
             params = out.get("params") or {}
             audio = out.get("audio")
             rate = out.get("sample_rate_hz")
-            audio_s += len(audio) / rate if rate and hasattr(audio, "__len__") else float(params.get("duration_s", 0))
+            if rate and audio is not None and hasattr(audio, "__len__"):
+                audio_s += len(audio) / rate
+            else:
+                audio_s += float(params.get("duration_s", 0))
         patterns = [str(out["pattern_id"]) for sid, out in run.outputs.items()
                     if run.plan.step(sid).type == "store" and out.get("pattern_id")]
         return {"state": run.state.value, "steps": {sid: r.state.value for sid, r in run.steps.items()},

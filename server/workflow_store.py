@@ -24,6 +24,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import base64
+import builtins
 import concurrent.futures
 import json
 import logging
@@ -352,10 +353,10 @@ class WorkflowStore(abc.ABC):
 
     @abc.abstractmethod
     async def mark_interrupted(self, *, owner: str | None = None, stale_after_s: float | None = None,
-                               reason: str) -> list[str]: ...
+                               reason: str) -> builtins.list[str]: ...
 
     async def mark_interrupted_on_startup(self, *, owner: str | None = None,
-                                          stale_after_s: float = DEFAULT_STALE_AFTER_S) -> list[str]:
+                                          stale_after_s: float = DEFAULT_STALE_AFTER_S) -> builtins.list[str]:
         """Call once before serving: workflows this replica (``owner``) left active died with its previous
         process; workflows whose heartbeat is older than ``stale_after_s`` died with some other replica."""
         owner = owner or default_owner()
@@ -489,7 +490,8 @@ class SqlWorkflowStore(WorkflowStore):
     async def mark_interrupted(self, *, owner: str | None = None, stale_after_s: float | None = None,
                                reason: str) -> list[str]:
         """Mark active workflows of ``owner`` and/or with a stale heartbeat INTERRUPTED (steps too)."""
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         if owner is not None:
             clauses.append("owner = ?")
             params.append(owner)
@@ -537,7 +539,8 @@ class SqlWorkflowStore(WorkflowStore):
             raise InvalidArgument(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
         state_value = WorkflowState(state).value if state else ""
         after = _decode_token(page_token, state_value) if page_token else None
-        clauses, params = [], []
+        clauses: builtins.list[str] = []
+        params: builtins.list[Any] = []
         if state_value:
             clauses.append("state = ?")
             params.append(state_value)
@@ -562,8 +565,8 @@ class SqlWorkflowStore(WorkflowStore):
         last = records[page_size - 1]
         return records[:page_size], _encode_token(last.created_at_us, last.id, state_value)
 
-    def _steps(self, conn: Any, ids: Sequence[str]) -> dict[str, list[StepRecord]]:
-        out: dict[str, list[StepRecord]] = {i: [] for i in ids}
+    def _steps(self, conn: Any, ids: Sequence[str]) -> dict[str, builtins.list[StepRecord]]:
+        out: dict[str, builtins.list[StepRecord]] = {i: [] for i in ids}
         if not ids:
             return out
         marks = ", ".join("?" * len(ids))

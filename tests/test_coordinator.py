@@ -85,7 +85,8 @@ def checkpoint(coord_repo) -> Path:
 
 
 @pytest.fixture(scope="module")
-def triton(coord_repo, tmp_path_factory):
+def coord_triton(coord_repo, tmp_path_factory):
+    """A private tritonserver with only the coordinator (tests here cancel, overload and read its log)."""
     server = _Triton(coord_repo, tmp_path_factory.mktemp("coordinator_triton") / "triton.log")
     server.start()
     server.wait_models_ready(["coordinator"], timeout_s=60)
@@ -104,8 +105,8 @@ def hf(checkpoint):
 
 
 @pytest.fixture
-async def backend(triton):
-    client = TritonCoordinatorBackend(triton.grpc_url, token_timeout_s=20.0)
+async def backend(coord_triton):
+    client = TritonCoordinatorBackend(coord_triton.grpc_url, token_timeout_s=20.0)
     yield client
     await client.close()
 
@@ -156,7 +157,8 @@ def test_tokenizer_round_trips_unicode():
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         assert tokenizer.decode(ids, skip_special_tokens=False) == unicodedata.normalize("NFC", text)
     # tags and role markers are single tokens (never split by BPE); BOS/EOS are special and skipped in decoding
-    for token in (coord_export.THINK_OPEN, coord_export.THINK_CLOSE, coord_export.USER_TOKEN, coord_export.ASSISTANT_TOKEN):
+    markers = (coord_export.THINK_OPEN, coord_export.THINK_CLOSE, coord_export.USER_TOKEN, coord_export.ASSISTANT_TOKEN)
+    for token in markers:
         assert len(tokenizer(token, add_special_tokens=False)["input_ids"]) == 1
     eos = tokenizer.eos_token_id
     assert tokenizer.decode([eos], skip_special_tokens=True) == ""
@@ -207,7 +209,8 @@ def test_export_with_local_weights_only_records_the_path(tmp_path, checkpoint, h
     model_dir = tmp_path / "coordinator"
     shutil.copytree(TEMPLATE, model_dir, ignore=shutil.ignore_patterns("__pycache__", "checkpoint"))
     meta = coord_export.export("full", model_dir, checkpoint, SEED)
-    assert json.loads((model_dir / "1" / "checkpoint.json").read_text()) == {"checkpoint_dir": str(checkpoint.resolve())}
+    pointer = json.loads((model_dir / "1" / "checkpoint.json").read_text())
+    assert pointer == {"checkpoint_dir": str(checkpoint.resolve())}
     assert not (model_dir / "1" / "checkpoint").exists()
     assert meta["architecture"] == "Qwen2ForCausalLM" and meta["checkpoint"] == str(checkpoint.resolve())
     assert meta["parameters"] == sum(p.numel() for p in hf[1].parameters())  # from safetensors headers only
@@ -285,7 +288,9 @@ def _reference_ids(hf, prompt: str, max_new_tokens: int) -> list[int]:
     import torch
 
     tokenizer, model = hf
-    rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(rendered, add_special_tokens=False, return_tensors="pt")
     with torch.inference_mode():
         out = model.generate(
@@ -352,7 +357,7 @@ async def test_stop_strings_end_the_stream_without_emitting_the_stop(backend):
     assert len(tokens) < 40
 
 
-async def test_cancellation_stops_generation_and_server_stays_healthy(backend, triton):
+async def test_cancellation_stops_generation_and_server_stays_healthy(backend, coord_triton):
     request_id = "cancel-me-1"
     received = 0
     async with contextlib.aclosing(
@@ -363,7 +368,7 @@ async def test_cancellation_stops_generation_and_server_stays_healthy(backend, t
             received += 1
             if received == 3:
                 break
-    match = await _wait_for_log(triton, rf"coordinator request {request_id} finished reason=(\w+) tokens=(\d+)")
+    match = await _wait_for_log(coord_triton, rf"coordinator request {request_id} finished reason=(\w+) tokens=(\d+)")
     assert match.group(1) == "cancelled"
     assert int(match.group(2)) < 200, match.group(0)  # not the 2000 it was asked for
     # the model keeps serving
@@ -371,12 +376,12 @@ async def test_cancellation_stops_generation_and_server_stays_healthy(backend, t
     assert len(again) == 5 and again[-1].finish_reason == "length"
 
 
-async def test_deadline_cancels_the_stream(backend, triton):
+async def test_deadline_cancels_the_stream(backend, coord_triton):
     with pytest.raises(CoordinatorTimeout) as info:
         await _collect(backend.stream_tokens("Deadline", max_tokens=2000, temperature=0.0, deadline_s=0.3,
                                              request_id="deadline-1"))
     assert isinstance(info.value, DeadlineExceeded) and "deadline" in str(info.value)
-    match = await _wait_for_log(triton, r"coordinator request deadline-1 finished reason=(\w+) tokens=(\d+)")
+    match = await _wait_for_log(coord_triton, r"coordinator request deadline-1 finished reason=(\w+) tokens=(\d+)")
     assert match.group(1) == "cancelled" and int(match.group(2)) < 2000
 
 
@@ -395,7 +400,7 @@ async def test_concurrent_streams_overlap_and_keep_their_seeds(backend):
     assert max(first_tokens) < min(last_tokens)
 
 
-async def test_invalid_request_gets_an_error_and_final_flag(triton):
+async def test_invalid_request_gets_an_error_and_final_flag(coord_triton):
     import tritonclient.grpc.aio as triton_aio
     from tritonclient.grpc import InferInput
 
@@ -408,7 +413,7 @@ async def test_invalid_request_gets_an_error_and_final_flag(triton):
         yield {"model_name": "coordinator", "inputs": [prompt, max_tokens],
                "parameters": {"triton_enable_empty_final_response": True}}
 
-    client = triton_aio.InferenceServerClient(triton.grpc_url)
+    client = triton_aio.InferenceServerClient(coord_triton.grpc_url)
     try:
         responses = [item async for item in client.stream_infer(requests(), stream_timeout=30)]
     finally:
@@ -417,22 +422,40 @@ async def test_invalid_request_gets_an_error_and_final_flag(triton):
     result, error = responses[0]
     assert result is None and "max_tokens must be >= 1" in error.message()
     # the client validates the same before sending
-    backend = TritonCoordinatorBackend(triton.grpc_url)
+    backend = TritonCoordinatorBackend(coord_triton.grpc_url)
     with pytest.raises(CoordinatorRequestError):
         await _collect(backend.stream_tokens("x", top_p=1.5))
 
 
-async def test_unreachable_triton_and_unknown_model_are_unavailable(triton):
+async def test_unreachable_triton_and_unknown_model_are_unavailable(coord_triton):
     down = TritonCoordinatorBackend(f"127.0.0.1:{free_port()}")
     with pytest.raises(CoordinatorUnavailable) as info:
         await _collect(down.stream("hello", max_tokens=3))
     assert isinstance(info.value, Unavailable) and down.grpc_url in str(info.value)
     await down.close()
-    missing = TritonCoordinatorBackend(triton.grpc_url, model_name="no_such_coordinator")
+    missing = TritonCoordinatorBackend(coord_triton.grpc_url, model_name="no_such_coordinator")
     with pytest.raises(CoordinatorUnavailable) as info:
         await _collect(missing.stream("hello", max_tokens=3))
     assert "no_such_coordinator" in str(info.value)
     await missing.close()
+
+
+async def test_model_serves_a_checkpoint_recorded_by_export_weights(tmp_path, checkpoint, backend):
+    """--weights DIR: the exporter only records the path (1/checkpoint.json) and model.py loads from there."""
+    repo = tmp_path / "repo"
+    model_dir = repo / "coordinator"
+    shutil.copytree(TEMPLATE, model_dir, ignore=shutil.ignore_patterns("__pycache__", "checkpoint"))
+    coord_export.export("full", model_dir, checkpoint, SEED)
+    server = _Triton(repo, tmp_path / "triton.log", startup_timeout_s=120)
+    server.start()
+    try:
+        other = TritonCoordinatorBackend(server.grpc_url)
+        ids = [t.token_id for t in await _collect(other.stream_tokens("weights", max_tokens=6, temperature=0.0))]
+        await other.close()
+    finally:
+        server.stop()
+    assert f"coordinator loaded {checkpoint.resolve()}" in server.log()
+    assert ids == [t.token_id for t in await _collect(backend.stream_tokens("weights", max_tokens=6, temperature=0.0))]
 
 
 def test_non_decoupled_config_fails_to_load(tmp_path, checkpoint):
@@ -492,7 +515,8 @@ def _chunkings(text: str, rng: random.Random, count: int) -> list[list[str]]:
 def test_think_splitter_under_every_chunking(text, start, thinking, answer):
     rng = random.Random(text)
     for chunks in _chunkings(text, rng, 40):
-        assert _split_all(ThinkSplitter(start_in_thinking=start), chunks) == {"thinking": thinking, "answer": answer}, chunks
+        result = _split_all(ThinkSplitter(start_in_thinking=start), chunks)
+        assert result == {"thinking": thinking, "answer": answer}, chunks
 
 
 def test_think_splitter_holds_back_only_possible_tags():

@@ -34,7 +34,7 @@ from server.workflow_store import (MAX_TRANSCRIPT_CHARS, SqliteWorkflowStore, St
 ROOT = Path(__file__).resolve().parent.parent
 
 
-# --- a real PostgreSQL -------------------------------------------------------------------------------------------------
+# --- a real PostgreSQL ------------------------------------------------------------------------------------------------
 def _pg_binary(name: str) -> str | None:
     found = shutil.which(name)
     if found:
@@ -99,7 +99,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return str(request.getfixturevalue("pg_url"))
 
 
-# --- helpers -----------------------------------------------------------------------------------------------------------
+# --- helpers ----------------------------------------------------------------------------------------------------------
 def record(workflow_id: str, *, owner: str = "replica-a", created_at_us: int = 0,
            state: WorkflowState = WorkflowState.PENDING) -> WorkflowRecord:
     return WorkflowRecord(

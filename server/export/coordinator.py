@@ -46,7 +46,9 @@ CHAT_TEMPLATE = (
     "{%- elif message['role'] == 'user' -%}{{ '" + USER_TOKEN + "' + message['content'] }}"
     "{%- elif message['role'] == 'assistant' -%}"
     "{%- set content = message['content'] -%}"
-    "{%- if '" + THINK_CLOSE + "' in content -%}{%- set content = content.split('" + THINK_CLOSE + "')[-1] -%}{%- endif -%}"
+    "{%- if '" + THINK_CLOSE + "' in content -%}"
+    "{%- set content = content.split('" + THINK_CLOSE + "')[-1] -%}"
+    "{%- endif -%}"
     "{{ '" + ASSISTANT_TOKEN + "' + content + '" + EOS_TOKEN + "' }}"
     "{%- endif -%}"
     "{%- endfor -%}"
@@ -240,7 +242,9 @@ def export(profile: str, model_dir: Path, weights: Path | None, seed: int) -> di
     if weights is not None:
         checkpoint = Path(weights).expanduser().resolve()
         if not (checkpoint / "config.json").is_file():
-            raise FileNotFoundError(f"coordinator weights {checkpoint} is not a transformers checkpoint (no config.json)")
+            raise FileNotFoundError(
+                f"coordinator weights {checkpoint} is not a transformers checkpoint (no config.json)"
+            )
         (version_dir / "checkpoint.json").write_text(json.dumps({"checkpoint_dir": str(checkpoint)}, indent=2) + "\n")
         _write_vllm_engine_args(model_dir, checkpoint)
         return _describe_checkpoint(checkpoint)

@@ -9,7 +9,7 @@ Threading: ``execute()`` hands each request to a bounded worker pool and returns
 contract), so several generations progress at the same time and Triton's scheduler is never blocked. Torch releases
 the GIL inside kernels, so threads overlap real compute. ``finalize()`` stops the loops and joins the workers.
 
-Protocol (tensor names are read from the model config and validated at load):
+Protocol (tensor names are validated against the model config at load; a config lacking one fails to load):
   inputs  prompt (BYTES [1], the user request — no system prompt, the chat template is applied here),
           max_tokens INT32, temperature FP32 (0 -> greedy argmax), top_p FP32, seed INT64, stop BYTES [-1]
   outputs text (BYTES, decoded delta), token_id (INT32, -1 on a terminal response without a token),
@@ -34,10 +34,9 @@ import torch
 import triton_python_backend_utils as pb_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-# Roles -> tensor names expected in config.pbtxt (validated against the parsed config in initialize()).
+# Tensor names expected in config.pbtxt (checked against the parsed config in initialize()).
 INPUT_ROLES = ("prompt", "max_tokens", "temperature", "top_p", "seed", "stop")
 OUTPUT_ROLES = ("text", "token_id", "finish_reason")
-REQUIRED_INPUTS = ("prompt",)
 
 THINK_OPEN = "<think>"
 # DeepSeek: "enforce the model to initiate its response with <think>\n" — appended when a template does not.
@@ -46,7 +45,7 @@ THINK_PREFILL = THINK_OPEN + "\n"
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/Qwen byte-level alphabet: byte value -> printable unicode char used inside BPE token strings."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -172,6 +171,19 @@ class StopStringFilter:
         return held
 
 
+def _to_str(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _scalar(inputs: dict, role: str, default, cast):
+    values = inputs[role]
+    if values is None or values.size == 0:
+        return default
+    if values.size != 1:
+        raise ValueError(f"{role} must be a single value")
+    return cast(values[0])
+
+
 class TritonPythonModel:
     """Decoupled streaming generator; see the module docstring."""
 
@@ -273,8 +285,16 @@ class TritonPythonModel:
 
     # ---------------------------------------------------------------- request handling
     def execute(self, requests):
+        """Copy each request's inputs (request tensors must not outlive execute()) and hand it to a worker."""
         for request in requests:
             sender = request.get_response_sender()
+            try:
+                inputs = self._read_inputs(request)
+                request_id = request.request_id() or "-"
+            except Exception as exc:
+                message = f"coordinator could not read the request: {exc}"
+                self._send_error(sender, message, pb_utils.TritonError.INVALID_ARG)
+                continue
             with self._lock:
                 accept = self._pending < self._max_pending and not self._stopping.is_set()
                 if accept:
@@ -282,19 +302,28 @@ class TritonPythonModel:
             if not accept:
                 self._send_error(sender, "coordinator is at capacity, retry later", pb_utils.TritonError.UNAVAILABLE)
                 continue
-            self._pool.submit(self._run, request, sender)
+            try:
+                self._pool.submit(self._run, inputs, request_id, sender)
+            except RuntimeError as exc:  # pool already shut down (model unloading)
+                self._done()
+                self._send_error(sender, f"coordinator is unloading: {exc}", pb_utils.TritonError.UNAVAILABLE)
         return None
 
-    def _run(self, request, sender) -> None:
-        request_id = request.request_id() or "-"
+    def _read_inputs(self, request) -> dict[str, np.ndarray | None]:
+        values = {}
+        for role in INPUT_ROLES:
+            tensor = pb_utils.get_input_tensor_by_name(request, self._inputs[role])
+            values[role] = None if tensor is None else np.array(tensor.as_numpy(), copy=True).reshape(-1)
+        return values
+
+    def _run(self, inputs: dict, request_id: str, sender) -> None:
         started = time.monotonic()
         try:
-            options = self._parse(request)
-        except ValueError as exc:
-            self._send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
-            self._done()
-            return
-        try:
+            try:
+                options = self._parse(inputs)
+            except ValueError as exc:
+                self._send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                return
             reason, produced = self._generate(sender, options)
             self.logger.log_info(
                 f"coordinator request {request_id} finished reason={reason} tokens={produced} "
@@ -310,21 +339,16 @@ class TritonPythonModel:
         with self._lock:
             self._pending -= 1
 
-    def _input(self, request, role: str):
-        tensor = pb_utils.get_input_tensor_by_name(request, self._inputs[role])
-        return None if tensor is None else tensor.as_numpy().reshape(-1)
-
-    def _parse(self, request) -> dict:
-        prompt = self._input(request, "prompt")
+    def _parse(self, inputs: dict) -> dict:
+        prompt = inputs["prompt"]
         if prompt is None or prompt.size != 1:
             raise ValueError("prompt must hold exactly one string")
-        text = prompt[0].decode("utf-8") if isinstance(prompt[0], bytes) else str(prompt[0])
-        max_tokens = self._scalar(request, "max_tokens", self._default_max_tokens, int)
-        temperature = self._scalar(request, "temperature", self._default_temperature, float)
-        top_p = self._scalar(request, "top_p", self._default_top_p, float)
-        seed = self._scalar(request, "seed", None, int)
-        stops_raw = self._input(request, "stop")
-        stops = [] if stops_raw is None else [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in stops_raw]
+        text = _to_str(prompt[0])
+        max_tokens = _scalar(inputs, "max_tokens", self._default_max_tokens, int)
+        temperature = _scalar(inputs, "temperature", self._default_temperature, float)
+        top_p = _scalar(inputs, "top_p", self._default_top_p, float)
+        seed = _scalar(inputs, "seed", None, int)
+        stops = [] if inputs["stop"] is None else [_to_str(s) for s in inputs["stop"]]
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not (temperature >= 0.0 and np.isfinite(temperature)):
@@ -347,14 +371,6 @@ class TritonPythonModel:
             "seed": seed,
             "stops": stops,
         }
-
-    def _scalar(self, request, role: str, default, cast):
-        values = self._input(request, role)
-        if values is None or values.size == 0:
-            return default
-        if values.size != 1:
-            raise ValueError(f"{role} must be a single value")
-        return cast(values[0])
 
     def _encode(self, user_prompt: str) -> list[int]:
         """Chat template with the user turn only (DeepSeek: no system prompt), opened inside a think block."""
