@@ -52,7 +52,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from server.errors import FailedPrecondition, GrymError, InvalidArgument
+from server.errors import Cancelled, FailedPrecondition, GrymError, InvalidArgument
 from server.pattern_learning import FeedbackStore, rank_recalled, recall_for_request
 from server.patterns import PatternRecord, PatternStore
 from server.plans import (AUDIO_STEPS, GENERATE_DEFAULTS, GENERATE_KEYS, MAX_SEGMENT_S, Plan, Ref, Step,
@@ -442,6 +442,12 @@ def describe_error(exc: BaseException) -> tuple[str, str]:
     return "INTERNAL", f"{type(exc).__name__}: {exc}"
 
 
+def _cancel_requested() -> bool:
+    """True when the current task is being cancelled (by the TaskGroup, the deadline, or the consumer)."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 class _FailFast(Exception):
     """Raised out of a step task to make the TaskGroup cancel every other running step."""
 
@@ -588,12 +594,15 @@ class WorkflowEngine:
         run.state, run.error_code, run.error, run.failed_step = WorkflowState.FAILED, code, message, step_id
 
     def _settle_partial_failure(self, run: WorkflowRun) -> None:
-        """Without fail-fast the DAG finishes around failures; any failed step still fails the workflow."""
+        """Without fail-fast the DAG finishes around failures; any failed (or unfinished) step fails the workflow."""
         failed = [r for r in run.steps.values() if r.state == StepState.FAILED]
+        unfinished = [r for r in run.steps.values() if r.state != StepState.SUCCEEDED]
         if failed:
             first = failed[0]
             self._fail(run, first.error_code or "INTERNAL", f"step {first.step_id!r} failed: {first.error}",
                        first.step_id)
+        elif unfinished:
+            self._fail(run, "ABORTED", f"step {unfinished[0].step_id!r} did not finish", unfinished[0].step_id)
         else:
             run.state = WorkflowState.SUCCEEDED
 
@@ -625,8 +634,13 @@ class WorkflowEngine:
             ctx = StepContext(run.workflow_id, step.id, run.request_id, run.deadline, run.emit)
             outputs = self._complete_outputs(run, step, inputs, await self.executors[step.type](step, inputs, ctx))
         except asyncio.CancelledError:
-            record.state, record.finished_at_us = StepState.CANCELLED, now_us()
-            raise
+            if _cancel_requested():
+                record.state, record.finished_at_us = StepState.CANCELLED, now_us()
+                raise
+            # Nobody cancelled this step: its executor let a downstream call's cancellation escape. That is a
+            # failure of the step, not a cancellation of the workflow (which would otherwise look "succeeded").
+            await self._step_failed(run, step, Cancelled(f"the {step.type} executor was cancelled from within"))
+            return
         except Exception as exc:
             await self._step_failed(run, step, exc)
             return

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from server.errors import FailedPrecondition, Unavailable
+from server.pattern_learning import FeedbackStore
 from server.patterns import PatternRecord, PatternStore
 from server.plans import Ref, Step, validate_plan
 from server.workflow import (Link, PlanAccepted, RecallExecutor, RecallToVary, StepCancelled, StepContext,
@@ -212,6 +213,38 @@ async def test_recall_vary_store_carries_the_recalled_seed_and_prompt(store: Sql
     assert run.audio()[0][0] == "vary"
 
 
+async def test_recall_by_embedding_is_ranked_with_ratings(store: SqlWorkflowStore, patterns: PatternStore) -> None:
+    """analyze → recall(embedding): similarity search in milvus-lite, re-ranked by ratings kept in the same
+    SQLite database as the workflow records."""
+    query = [1.0] + [0.0] * (DIM - 1)
+    near = await patterns.insert([1.0, 0.1] + [0.0] * (DIM - 2), duration_s=1, tags={}, source="t")
+    close = await patterns.insert([1.0, 0.3] + [0.0] * (DIM - 2), duration_s=1, tags={}, source="t")
+    await patterns.insert([0.0, 1.0] + [0.0] * (DIM - 2), duration_s=1, tags={}, source="t")
+    feedback = FeedbackStore(store.db).open()
+
+    async def fixed_analysis(step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        return {"embedding": np.asarray(query, dtype=np.float32), "duration_s": 1.0}
+
+    engine = WorkflowEngine({"generate": generator(Trace()), "analyze": fixed_analysis,
+                             "recall": RecallExecutor(patterns, feedback)}, store)
+    plan = plan_of(gen("g"), analyze("ana", "g"),
+                   {"id": "similar", "type": "recall", "params": {"top_k": 2}, "inputs": {"embedding": "ana"}})
+
+    async def recalled() -> list[str]:
+        run = await engine.start(plan, request_text="x", request_id="req-14")
+        await collect(run.events())
+        return [p.id for p in run.outputs["similar"]["patterns"]]
+
+    try:
+        assert await recalled() == [near.id, close.id]
+        for _ in range(3):
+            await feedback.rate(close.id, 5)
+        await feedback.rate(near.id, 1)
+        assert await recalled() == [close.id, near.id]
+    finally:
+        feedback.close()
+
+
 def link_to(record: PatternRecord, **vary_params: Any) -> Link:
     recall = Step("r", "recall", {"pattern_id": record.id})
     vary = Step("v", "vary", {"strength": 0.35, "variation": 1, **vary_params}, {"from": Ref("r", "pattern")})
@@ -368,6 +401,18 @@ async def test_executor_missing_an_output_fails_its_own_step(store: SqlWorkflowS
     events = await collect(run.events())
     failed = next(e for e in events if isinstance(e, StepFailed))
     assert failed.step_id == "g" and "returned no 'audio' output, which step 'ana' needs" in failed.error
+
+
+async def test_a_cancellation_escaping_an_executor_fails_its_step(store: SqlWorkflowStore) -> None:
+    async def leaky(step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        raise asyncio.CancelledError()  # e.g. a downstream call's cancellation that the executor let through
+
+    engine = WorkflowEngine({"generate": leaky, "analyze": analyzer(Trace())}, store, fail_fast=False)
+    run = await engine.start(plan_of(gen("g"), analyze("ana", "g")), request_text="x", request_id="req-13")
+    events = await collect(run.events())
+    failed = next(e for e in events if isinstance(e, StepFailed))
+    assert failed.step_id == "g" and failed.code == "CANCELLED"
+    assert isinstance(events[-1], WorkflowFailed), "never reported as succeeded"
 
 
 async def test_plan_needs_an_executor_per_step_type(store: SqlWorkflowStore) -> None:
