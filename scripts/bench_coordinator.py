@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -115,10 +114,6 @@ def main() -> int:
     else:
         from server.triton_process import EmbeddedTriton
 
-        # the python-backend stub must load this interpreter's libpython (see server/triton_process.py)
-        libdir = sysconfig.get_config_var("LIBDIR")
-        if libdir:
-            os.environ["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, os.environ.get("LD_LIBRARY_PATH")]))
         with tempfile.TemporaryDirectory(prefix="bench_coordinator_") as tmp:
             repo = build_tiny_repository(Path(tmp) / "repo", args.seed)
             with EmbeddedTriton(repo, Path(tmp) / "triton.log") as triton:

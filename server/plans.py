@@ -72,7 +72,7 @@ GENERATE_DEFAULTS: dict[str, Any] = {
 GENERATE_KEYS = ("prompt", "negative_prompt", "duration_s", "steps", "guidance_scale", "seed", "scheduler", "model")
 VARY_DEFAULTS: dict[str, Any] = {"strength": 0.35, "variation": 1}
 RECALL_DEFAULT_TOP_K = 3
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+SEED_MAX = 2**63 - 1  # seeds are non-negative int64: what torch generators and the Generate API accept
 
 MAX_ANSWER_CHARS = 65_536
 MAX_DECODE_STARTS = 256
@@ -171,6 +171,7 @@ def validate_plan(data: Any, *, planner: PlannerName = "coordinator") -> Plan:
     if error is not None:
         raise InvalidArgument(_describe_schema_error(error, data))
     raw_steps: list[Mapping[str, Any]] = list(data["steps"])
+    _check_finite(raw_steps)
     _check_unique_ids(raw_steps)
     raw_steps = _expand_vary_shorthand(raw_steps)
     types = {s["id"]: s["type"] for s in raw_steps}
@@ -207,6 +208,9 @@ def _describe_schema_error(error: ValidationError, data: Mapping[str, Any]) -> s
     label = _step_label(data["steps"][path[1]], int(path[1]))
     step_type = data["steps"][path[1]].get("type") if isinstance(data["steps"][path[1]], Mapping) else None
     rest = path[2:]
+    if rest[:2] == ["params", "model"] and error.validator == "enum":
+        known = ", ".join(error.schema.get("enum", [])) if isinstance(error.schema, Mapping) else ""
+        return f"step {label} param 'model': unknown model {error.instance!r} for {step_type} steps; known: {known}"
     if len(rest) >= 2 and rest[0] in ("params", "inputs"):
         kind = "param" if rest[0] == "params" else "input"
         return f"step {label} {kind} {rest[1]!r} {_describe_value_error(error)}"
@@ -247,6 +251,14 @@ def _describe_container_error(error: ValidationError, container: str, step_type:
     if error.validator == "maxProperties" and container == "inputs" and step_type == "generate":
         return "generate steps take no inputs"
     return f"{container}: {error.message}"
+
+
+def _check_finite(raw_steps: Sequence[Mapping[str, Any]]) -> None:
+    """JSON Schema bounds let NaN through (every comparison with NaN is false) and Python's json accepts it."""
+    for raw in raw_steps:
+        for name, value in (raw.get("params") or {}).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InvalidArgument(f"step {raw['id']!r} param {name!r} must be a finite number, got {value}")
 
 
 def _check_unique_ids(raw_steps: Sequence[Mapping[str, Any]]) -> None:
@@ -400,12 +412,12 @@ def topological_order(plan: Plan) -> list[Step]:
 
 def derive_seed(text: str) -> int:
     """A seed from text: the same request always renders the same audio, different requests differ."""
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & INT64_MAX
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & SEED_MAX
 
 
-def wrap_int64(value: int) -> int:
-    """Keep seed arithmetic (seed + 1 at the top of the range) inside int64, which the generator accepts."""
-    return (value - INT64_MIN) % 2**64 + INT64_MIN
+def wrap_seed(value: int) -> int:
+    """Keep seed arithmetic (seed + 1 at the top of the range) inside 0..2**63-1."""
+    return value % (SEED_MAX + 1)
 
 
 # --- extracting a plan from an LLM answer ---------------------------------------------------------------------------
@@ -560,7 +572,7 @@ _WORD_DURATION = re.compile(
     re.I)
 _CLOCK = re.compile(r"\b(\d{1,2}):([0-5]\d)\b")
 _BPM = re.compile(r"\b(\d{2,3})\s*-?\s*bpm\b", re.I)
-_SEED = re.compile(r"\bseed\s*[:=#]?\s*(-?\d{1,19})\b", re.I)
+_SEED = re.compile(r"\bseed\s*[:=#]?\s*(\d{1,19})\b", re.I)
 _LIKE_PATTERN = re.compile(r"\blike\s+pattern\s+#?([A-Za-z0-9][A-Za-z0-9_-]{0,63})", re.I)
 _LIKE_ID = re.compile(r"\blike\s+#?([A-Za-z0-9][A-Za-z0-9_-]{0,63})", re.I)
 _UUIDISH = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$|^[0-9a-f]{8,}$", re.I)
@@ -601,7 +613,7 @@ def parse_request(text: str, known_ids: Iterable[str] = ()) -> RequestFeatures:
     features = RequestFeatures(
         duration_s=duration, moods=_find_terms(lowered, MOODS), genres=_find_terms(lowered, GENRES),
         instruments=instruments, excluded=excluded, tempo_bpm=tempo_bpm, tempo_word=tempo_word, era=_find_era(text),
-        pattern_id=pattern_id, seed=wrap_int64(int(seed_match.group(1))) if seed_match else None,
+        pattern_id=pattern_id, seed=wrap_seed(int(seed_match.group(1))) if seed_match else None,
         strength=_find_strength(lowered),
     )
     return replace(features, extra_words=_extra_words(text, spans, features))
@@ -813,7 +825,7 @@ class RuleBasedPlanner:
             gen_id = f"gen-{i}" if len(segments) > 1 else "gen"
             steps.append({"id": gen_id, "type": "generate", "params": {
                 "prompt": prompt, "negative_prompt": negative_prompt(f), "duration_s": seconds,
-                "seed": wrap_int64(base_seed + i - 1), **settings}})
+                "seed": wrap_seed(base_seed + i - 1), **settings}})
             steps.extend(self._keep_steps(gen_id, f, i, len(segments)))
         return steps, _intent(f, prompt, segments)
 
@@ -829,7 +841,7 @@ class RuleBasedPlanner:
             if suffix:
                 params["prompt_suffix"] = suffix
             if f.seed is not None:
-                params["seed"] = wrap_int64(f.seed + i - 1)
+                params["seed"] = wrap_seed(f.seed + i - 1)
             steps.append({"id": vary_id, "type": "vary", "params": params, "inputs": {"from": "recall.pattern"}})
             steps.extend(self._keep_steps(vary_id, f, i, len(segments)))
         what = f"{sum(segments):g} s" if f.duration_s is not None else "a variation"

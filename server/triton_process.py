@@ -148,6 +148,9 @@ class EmbeddedTriton:
             "--allow-gpu-metrics=false",
             "--log-verbose=0",
             "--exit-timeout-secs=10",
+            # The python backend names its shared-memory regions by prefix; two servers on one host (tests,
+            # blue/green restarts) must not share them ("double free" at model load otherwise).
+            f"--backend-config=python,shm-region-prefix-name=grym{os.getpid()}_{self.grpc_port}_",
         ]
         if self.config_name:
             cmd.append(f"--model-config-name={self.config_name}")

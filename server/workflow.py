@@ -44,6 +44,7 @@ import asyncio
 import dataclasses
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -52,11 +53,11 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from server.errors import Cancelled, FailedPrecondition, GrymError, InvalidArgument
+from server.errors import Cancelled, FailedPrecondition, GrymError
 from server.pattern_learning import FeedbackStore, rank_recalled, recall_for_request
 from server.patterns import PatternRecord, PatternStore
 from server.plans import (AUDIO_STEPS, GENERATE_DEFAULTS, GENERATE_KEYS, MAX_SEGMENT_S, Plan, Ref, Step,
-                          derive_seed, wrap_int64)
+                          derive_seed, wrap_seed)
 from server.workflow_store import (StepRecord, StepState, WorkflowRecord, WorkflowState, WorkflowStore,
                                    default_owner, now_us, truncate)
 
@@ -203,8 +204,11 @@ def provenance_metadata(prov: Mapping[str, Any] | None, **extra: Any) -> dict[st
 def generate_params_from_pattern(record: PatternRecord) -> dict[str, Any]:
     """Generate parameters that re-render a stored pattern.
 
-    Patterns made by generate steps carry their exact provenance. Patterns from plain audio uploads have none:
-    their tags become the prompt and the seed derives from the pattern id, so a variation is still possible."""
+    Patterns made by generate steps (here or by the Generate RPC, same metadata keys) carry their exact
+    provenance, which is reproduced as recorded — including schedulers and step counts beyond what plans may
+    ask for; the generate executor validates them as it does any request. Only the duration is clamped to one
+    30 s segment. Patterns from plain audio uploads have no provenance: their tags become the prompt and the
+    seed derives from the pattern id, so a variation is still possible."""
     meta = record.metadata
     prompt = (meta.get("prompt") or "").strip()
     if not prompt:
@@ -212,17 +216,19 @@ def generate_params_from_pattern(record: PatternRecord) -> dict[str, Any]:
         prompt = ", ".join(["music", *words])[:512]
     params: dict[str, Any] = {**GENERATE_DEFAULTS, "prompt": prompt}
     params["negative_prompt"] = meta.get("negative_prompt", params["negative_prompt"])
-    params["seed"] = _parse(meta.get("seed"), int, derive_seed(f"pattern:{record.id}"))
-    params["steps"] = int(_clamp(_parse(meta.get("steps"), int, params["steps"]), 1, 100))
-    params["guidance_scale"] = _clamp(_parse(meta.get("guidance_scale"), float, params["guidance_scale"]), 0, 20)
+    params["seed"] = wrap_seed(_parse(meta.get("seed"), int, derive_seed(f"pattern:{record.id}")))
+    params["steps"] = _parse(meta.get("steps"), int, params["steps"])
+    params["guidance_scale"] = _parse(meta.get("guidance_scale"), float, params["guidance_scale"])
     duration = _parse(meta.get("duration_s"), float, record.duration_s or params["duration_s"])
     params["duration_s"] = _clamp(duration, 0.5, MAX_SEGMENT_S)
-    if meta.get("scheduler") in ("ddim", "dpm"):
+    if _IDENTIFIER.match(meta.get("scheduler", "")):
         params["scheduler"] = meta["scheduler"]
-    if meta.get("model"):
+    if _IDENTIFIER.match(meta.get("model", "")):
         params["model"] = meta["model"]
-    params["seed"] = wrap_int64(params["seed"])
     return params
+
+
+_IDENTIFIER = re.compile(r"^[a-z0-9_]{1,32}$")
 
 
 def _parse(text: str | None, kind: Callable[[str], Any], default: Any) -> Any:
@@ -324,7 +330,7 @@ class RecallToVary:
         strength, variation = float(p.get("strength", 0.35)), int(p.get("variation", 1))
         original_seed = params["seed"]
         params["seed"] = int(p["seed"]) if "seed" in p else (
-            original_seed if strength == 0 else wrap_int64(original_seed + variation))
+            original_seed if strength == 0 else wrap_seed(original_seed + variation))
         for key in ("negative_prompt", "duration_s", "steps", "guidance_scale", "scheduler", "model"):
             if key in p:
                 params[key] = p[key]
@@ -619,8 +625,11 @@ class WorkflowEngine:
             raise group.exceptions[0] from None
 
     def _launch(self, run: WorkflowRun, step: Step, tg: asyncio.TaskGroup) -> None:
+        try:
+            tg.create_task(self._run_step(run, step, tg), name=f"step-{run.workflow_id}-{step.id}")
+        except RuntimeError:
+            return  # the group is shutting down (a failure or cancellation won the race): the step stays unrun
         run._started.add(step.id)
-        tg.create_task(self._run_step(run, step, tg), name=f"step-{run.workflow_id}-{step.id}")
 
     async def _run_step(self, run: WorkflowRun, step: Step, tg: asyncio.TaskGroup) -> None:
         record = run.steps[step.id]
@@ -820,7 +829,7 @@ class StoreExecutor:
         embedding, duration = inputs.get("embedding"), float(inputs.get("duration_s") or 0.0)
         if embedding is None:
             if self.analyze is None:
-                raise InvalidArgument(f"step {step.id!r} stores audio but this server has no analysis for it; "
+                raise FailedPrecondition(f"step {step.id!r} stores audio but this server has no analysis for it; "
                                       "add an analyze step")
             embedding, duration = await self.analyze(inputs["audio"], inputs.get("sample_rate_hz"))
         record = await self.patterns.insert(

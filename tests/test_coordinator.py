@@ -12,12 +12,10 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import os
 import random
 import re
 import shutil
 import sys
-import sysconfig
 import time
 import unicodedata
 from pathlib import Path
@@ -46,21 +44,6 @@ SEED = 0
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
-class _Triton(EmbeddedTriton):
-    """EmbeddedTriton whose stub loads this interpreter's libpython.
-
-    The python-backend stub links ``libpython3.11.so.1.0`` and would pick the system one; C extensions of the
-    venv's interpreter (e.g. ``_ssl``, imported by transformers) then fail with undefined symbols."""
-
-    def _environment(self) -> dict[str, str]:
-        env = super()._environment()
-        libdir = sysconfig.get_config_var("LIBDIR")
-        current = env.get("LD_LIBRARY_PATH", "")
-        if libdir and libdir not in current.split(os.pathsep):
-            env["LD_LIBRARY_PATH"] = libdir + (os.pathsep + current if current else "")
-        return env
-
-
 def _build_repo(out_dir: Path) -> Path:
     """Materialise a repository holding only the coordinator (through the registry once it is registered)."""
     from server.export import repository
@@ -87,7 +70,7 @@ def checkpoint(coord_repo) -> Path:
 @pytest.fixture(scope="module")
 def coord_triton(coord_repo, tmp_path_factory):
     """A private tritonserver with only the coordinator (tests here cancel, overload and read its log)."""
-    server = _Triton(coord_repo, tmp_path_factory.mktemp("coordinator_triton") / "triton.log")
+    server = EmbeddedTriton(coord_repo, tmp_path_factory.mktemp("coordinator_triton") / "triton.log")
     server.start()
     server.wait_models_ready(["coordinator"], timeout_s=60)
     yield server
@@ -446,7 +429,7 @@ async def test_model_serves_a_checkpoint_recorded_by_export_weights(tmp_path, ch
     model_dir = repo / "coordinator"
     shutil.copytree(TEMPLATE, model_dir, ignore=shutil.ignore_patterns("__pycache__", "checkpoint"))
     coord_export.export("full", model_dir, checkpoint, SEED)
-    server = _Triton(repo, tmp_path / "triton.log", startup_timeout_s=120)
+    server = EmbeddedTriton(repo, tmp_path / "triton.log", startup_timeout_s=120)
     server.start()
     try:
         other = TritonCoordinatorBackend(server.grpc_url)
@@ -466,7 +449,7 @@ def test_non_decoupled_config_fails_to_load(tmp_path, checkpoint):
     config = config.replace('key: "checkpoint_dir" value: { string_value: "" }',
                             f'key: "checkpoint_dir" value: {{ string_value: "{checkpoint}" }}')
     (model_dir / "config.pbtxt").write_text(config)
-    server = _Triton(repo, tmp_path / "triton.log", startup_timeout_s=60)
+    server = EmbeddedTriton(repo, tmp_path / "triton.log", startup_timeout_s=60)
     with pytest.raises(TritonStartError):
         server.start()
     assert "set model_transaction_policy { decoupled: true }" in server.log()

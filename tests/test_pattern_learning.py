@@ -167,6 +167,6 @@ async def test_ratings_change_recall_order(patterns: PatternStore, feedback: Fee
     await rate_pattern(patterns, feedback, low, 1)
     after = await recall_for_request(patterns, feedback, "calm piano", 2)
     assert [r.id for r in after] == [high, low]
-    assert after[0].score > 1.0 > after[1].score
+    assert (after[0].score or 0) > 1.0 > (after[1].score or 0)
     with pytest.raises(NotFound):
         await rate_pattern(patterns, feedback, "missing", 4)

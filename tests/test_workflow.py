@@ -265,7 +265,7 @@ def test_recall_to_vary_strength_and_overrides() -> None:
     pinned = adapter(link_to(pattern(PROVENANCE), seed=7))["params"]
     assert pinned["seed"] == 7
     top = adapter(link_to(pattern({**PROVENANCE, "seed": str(2**63 - 1)})))["params"]
-    assert top["seed"] == -(2**63), "seed arithmetic wraps inside int64"
+    assert top["seed"] == 0, "seed arithmetic wraps inside 0..2**63-1"
 
 
 def test_recall_to_vary_without_provenance_uses_tags() -> None:
@@ -421,3 +421,13 @@ async def test_plan_needs_an_executor_per_step_type(store: SqlWorkflowStore) -> 
         await engine.start(plan_of(gen("g"), analyze("ana", "g")), request_text="x", request_id="req-12")
     page, _ = await store.list(page_size=10)
     assert page == [], "nothing is recorded for a plan that cannot start"
+
+
+def test_patterns_from_the_generate_rpc_regenerate_as_recorded() -> None:
+    """Metadata written by server.generation (same keys) is reproduced as recorded, beyond plan ranges."""
+    recorded = {"prompt": "rain on a tin roof", "negative_prompt": "", "seed": "123", "steps": "150",
+                "guidance_scale": repr(7.5), "duration_s": repr(5.0), "scheduler": "euler", "model": "audioldm",
+                "profile": "tiny"}
+    params = RecallToVary()(link_to(pattern(recorded), strength=0.0))["params"]
+    assert params == {"prompt": "rain on a tin roof", "negative_prompt": "", "seed": 123, "steps": 150,
+                      "guidance_scale": 7.5, "duration_s": 5.0, "scheduler": "euler", "model": "audioldm"}

@@ -175,7 +175,8 @@ async def test_list_newest_first_with_pages_and_state_filter(db_url: str) -> Non
             await store.create(record(f"wf-{i}", created_at_us=1_000_000 + i * (i % 3 != 0)))  # ties on purpose
         await store.finish("wf-5", WorkflowState.SUCCEEDED, steps=[])
         await store.finish("wf-2", WorkflowState.SUCCEEDED, steps=[])
-        seen, token = [], ""
+        seen: list[str] = []
+        token = ""
         while True:
             page, token = await store.list(page_size=3, page_token=token)
             seen.extend(r.id for r in page)

@@ -269,6 +269,12 @@ _CACHE: dict[tuple[str, str | None, int], Components] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+def clear_cache() -> None:
+    """Drop the cached components (the full profile holds ~1.7 GB of float32 weights once exported)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
 def _profile(profile: str) -> AudioLDMProfile:
     try:
         return PROFILES[profile]

@@ -123,7 +123,8 @@ class TritonPythonModel:
 
         from transformers import RobertaTokenizer
 
-        self._tokenizer = RobertaTokenizer.from_pretrained(os.path.join(version_dir, "tokenizer"), local_files_only=True)
+        tokenizer_dir = os.path.join(version_dir, "tokenizer")
+        self._tokenizer = RobertaTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         # Fast tokenizers mutate their padding/truncation state per call: concurrent calls raise "Already borrowed".
         self._tokenizer_lock = threading.Lock()
         self._max_tokens = int(self._tokenizer.model_max_length)
