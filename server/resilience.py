@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import pybreaker
 
-from server.errors import GrymError, ResourceExhausted, Unavailable
+from server.errors import ResourceExhausted, Unavailable
 from server.metrics import BREAKER_STATE_VALUES, Metrics
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,6 @@ signal, so a wrong step, guidance or scheduler detail (which changes the audio a
 from __future__ import annotations
 
 import json
-import os
 import queue
 import sys
 import time
@@ -78,8 +77,6 @@ def server(request, tmp_path_factory):
         root / "repo",
         root / "triton.log",
         startup_timeout_s=180,
-        # Unique shared-memory names: other tritonservers on this host would otherwise collide with ours.
-        extra_args=[f"--backend-config=python,shm-region-prefix-name=aldm{os.getpid()}_"],
     )
     try:
         triton.start()
