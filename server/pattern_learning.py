@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import InvalidArgument
-from server.patterns import SCALAR_FIELDS, PatternRecord, PatternStore, tag_filter_expr
+from server.patterns import PatternRecord, PatternStore, tag_filter_expr
 from server.plans import FILLER
 from server.workflow_store import Database, Migration, now_us, truncate
 
@@ -206,15 +206,6 @@ def keyword_similarity(record: PatternRecord, words: Sequence[str]) -> float:
     return sum(1 for w in words if w in text) / len(words) if words else 0.0
 
 
-async def query_patterns(store: PatternStore, expr: str, *, limit: int,
-                         fields: Sequence[str] = tuple(SCALAR_FIELDS)) -> list[PatternRecord]:
-    """Filtered scalar query. PatternStore has no public one, so this goes through its worker-thread runner
-    (``_run``) and client; see the report for the public method proposed for patterns.py."""
-    rows = await store._run(lambda: store._client.query(store.collection, filter=expr, output_fields=list(fields),
-                                                        limit=limit))
-    return [PatternRecord.from_row(r) for r in rows]
-
-
 async def recall_for_request(store: PatternStore, feedback: FeedbackStore | None, request_text: str, top_k: int,
                              *, tag_filter: Mapping[str, str] | None = None,
                              candidates: int = RECALL_CANDIDATES) -> list[PatternRecord]:
@@ -229,7 +220,7 @@ async def recall_for_request(store: PatternStore, feedback: FeedbackStore | None
     expr = f"({keyword_filter(words)})"
     if tag_filter:
         expr += f" and {tag_filter_expr(tag_filter)}"
-    found = await query_patterns(store, expr, limit=candidates)
+    found = await store.query(expr, limit=candidates)
     scored = [dataclasses.replace(r, score=keyword_similarity(r, words)) for r in found]
     scored = [r for r in scored if r.score]
     ratings = await feedback.ratings([r.id for r in scored]) if feedback and scored else {}
@@ -256,9 +247,8 @@ class Cluster:
 async def fetch_embeddings(store: PatternStore, *, max_patterns: int = MAX_CLUSTER_PATTERNS) -> list[PatternRecord]:
     """Every stored pattern with its vector, newest ``max_patterns`` when memory is larger, sorted by id so that
     clustering sees the same order every time."""
-    keys: list[dict[str, Any]] = list(await store._run(lambda: store._all_keys("")))
-    keys.sort(key=lambda r: (-int(r["created_at_us"]), str(r["id"])))
-    ids = sorted(str(r["id"]) for r in keys[:max_patterns])
+    keys = sorted(await store.keys(), key=lambda k: (-k[1], k[0]))
+    ids = sorted(pattern_id for pattern_id, _ in keys[:max_patterns])
     records: list[PatternRecord] = []
     for start in range(0, len(ids), FETCH_BATCH):
         records.extend(await store.get_many(ids[start:start + FETCH_BATCH], include_embedding=True))

@@ -294,6 +294,17 @@ class PatternStore:
             it.close()
         return out
 
+    async def query(self, expr: str, *, limit: int, include_embedding: bool = False) -> list[PatternRecord]:
+        """Patterns matching a Milvus boolean expression (scalar fields; vectors only when asked)."""
+        fields = SCALAR_FIELDS + (["embedding"] if include_embedding else [])
+        rows = await self._run(lambda: self._client.query(self.collection, filter=expr, output_fields=fields,
+                                                          limit=limit))
+        return [PatternRecord.from_row(r) for r in rows]
+
+    async def keys(self) -> list[tuple[str, int]]:
+        """(id, created_at_us) of every stored pattern: cheap, scalar only."""
+        return [(str(r["id"]), int(r["created_at_us"])) for r in await self._run(lambda: self._all_keys(""))]
+
     def count_sync(self) -> int:
         res = self._client.query(self.collection, filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"]) if res else 0

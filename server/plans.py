@@ -934,9 +934,8 @@ def plan_instructions(recalled: Sequence[PatternRecord] = ()) -> str:
 def _range(spec: Mapping[str, Any]) -> str:
     if "enum" in spec:
         return f" ({'|'.join(map(str, spec['enum']))})"
-    if "minimum" in spec and "maximum" in spec and spec.get("type") != "integer" or spec.get("maximum", 0) < 10**6:
-        if "minimum" in spec and "maximum" in spec:
-            return f" ({spec['minimum']:g}..{spec['maximum']:g})"
+    if "minimum" in spec and "maximum" in spec and spec["maximum"] < 10**6:  # not the seed's int64 bound
+        return f" ({spec['minimum']:g}..{spec['maximum']:g})"
     if "maxLength" in spec:
         return f" (text <= {spec['maxLength']})"
     return ""

@@ -13,8 +13,8 @@ from jsonschema import Draft202012Validator
 
 from server.errors import InvalidArgument
 from server.patterns import PatternRecord
-from server.plans import (SCHEMA_PATH, RuleBasedPlanner, choose_plan, derive_seed, extract_plan, parse_request,
-                          topological_order, validate_plan)
+from server.plans import (EXAMPLE_PLAN, SCHEMA_PATH, RuleBasedPlanner, choose_plan, derive_seed, extract_plan,
+                          parse_request, plan_instructions, topological_order, validate_plan)
 
 GOOD: dict[str, Any] = {
     "version": 1,
@@ -300,6 +300,17 @@ def test_planner_reuses_settings_of_recalled_patterns() -> None:
 def test_planner_without_store_results() -> None:
     plan = RuleBasedPlanner(store_results=False).plan("calm piano", [])
     assert [s.type for s in plan.steps] == ["generate"]
+
+
+def test_plan_instructions_come_from_the_schema() -> None:
+    recalled = [PatternRecord(id="p-7", model="m", profile="tiny", duration_s=5, tags={"mood": "calm"},
+                              created_at_us=0, source="t", metadata={"prompt": "calm piano"}, score=0.91)]
+    text = plan_instructions(recalled)
+    assert "duration_s (0.5..30)" in text and "top_k (1..10)" in text and "scheduler (ddim|dpm)" in text
+    assert "inputs audio <- generate.audio/vary.audio" in text
+    assert "- p-7: 'calm piano' [mood=calm] score=0.91" in text
+    example = extract_plan(text)
+    assert example == EXAMPLE_PLAN and validate_plan(example).output == ("gen-1", "gen-2")
 
 
 # --- coordinator or rules ---------------------------------------------------------------------------------------------
