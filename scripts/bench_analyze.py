@@ -116,7 +116,7 @@ def main() -> int:
 
     repo = args.data_dir / "model_repository" / args.profile
     print(f"building/reusing the {args.profile} repository at {repo}", flush=True)
-    manifest = build_repository(args.profile, repo, weights=args.weights_dir, seed=args.seed, models=["wav2vec2"])
+    manifest = build_repository(args.profile, repo, weights={"wav2vec2": args.weights_dir}, seed=args.seed, models=["wav2vec2"])
     samples = clip(args.clip_seconds)
 
     bench_dir = args.data_dir / "bench"

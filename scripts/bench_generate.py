@@ -109,7 +109,7 @@ def main() -> int:
 
     repo = args.data_dir / "model_repository" / args.profile
     print(f"building/reusing the {args.profile} repository at {repo}", flush=True)
-    build_repository(args.profile, repo, weights=args.weights_dir, seed=args.seed, models=MODELS)
+    build_repository(args.profile, repo, weights={"audioldm": args.weights_dir}, seed=args.seed, models=MODELS)
     bench_dir = args.data_dir / "bench"
     triton = EmbeddedTriton(repo, bench_dir / f"tritonserver-generate-{args.profile}.log", startup_timeout_s=900)
     triton.start()

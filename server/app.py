@@ -21,8 +21,11 @@ from grpc_reflection.v1alpha import reflection
 from grym.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from server.analysis import MODEL as ANALYSIS_MODEL, AnalysisService
 from server.audio import TARGET_RATE_HZ
-from server.export.repository import build_repository
+from server.export.repository import DEFAULT_MODELS, build_repository
 from server.export.wav2vec2 import MIN_SAMPLES
+from server.compose import ComposeService
+from server.coordinator_backends import CoordinatorBackend, OpenAICoordinatorBackend, TritonCoordinatorBackend
+from server.errors import InvalidArgument
 from server.generation import COMPONENT_MODELS as GENERATION_COMPONENTS
 from server.generation import PIPELINE_MODEL as GENERATION_PIPELINE
 from server.generation import GenerationService
@@ -30,7 +33,10 @@ from server.health import HealthMonitor
 from server.metrics import Metrics
 from server.patterns import PatternStore
 from server.cache import LruCache
-from server.resilience import AdmissionControl, MemoryBudget, RetryPolicy
+from server.pattern_learning import FeedbackStore
+from server.plans import RuleBasedPlanner
+from server.resilience import AdmissionControl, AsyncBreaker, MemoryBudget, RetryPolicy
+from server.workflow_store import open_workflow_store
 from server.security import BearerTokenInterceptor, server_credentials
 from server.service import Gate, OrchestratorService
 from server.settings import Settings
@@ -59,6 +65,9 @@ class App:
         self.manifest: dict[str, Any] = {}
         self.admission: AdmissionControl | None = None
         self.cache: LruCache[Any] | None = None
+        self.compose: ComposeService | None = None
+        self.workflows: Any = None
+        self.feedback: Any = None
         self._stats_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
@@ -66,8 +75,8 @@ class App:
     def _prepare_models(self) -> None:
         """Build the profile's repository (embedded Triton only: an external Triton serves its own)."""
         s = self.settings
-        self.manifest = build_repository(s.profile, s.repository_dir, weights=s.weights_dir, seed=s.seed,
-                                         models=REQUIRED_MODELS)
+        self.manifest = build_repository(s.profile, s.repository_dir, weights=s.model_weights, seed=s.seed,
+                                         models=DEFAULT_MODELS)
 
     def _triton_url(self) -> str:
         s = self.settings
@@ -107,6 +116,9 @@ class App:
         assert self.store is not None
         self.store.dim = await self._probe_embedding_dim()
         await asyncio.to_thread(self.store.open)
+        interrupted = await self.workflows.mark_interrupted_on_startup()
+        if interrupted:
+            log.warning("workflows left unfinished by a previous run are now INTERRUPTED: %s", interrupted)
         assert self.health is not None
         await self.health.check_once()
         self.gate.ready = True
@@ -162,11 +174,22 @@ class App:
                            metrics=self.metrics),
             metrics=self.metrics,
         )
+        self.workflows = open_workflow_store(s.workflow_store_target)
+        self.feedback = FeedbackStore(self.workflows.db).open()
+        compose = ComposeService(
+            coordinator=self._coordinator_backend(triton_url),
+            breaker=AsyncBreaker("coordinator", fail_max=s.breaker_fail_max, reset_timeout_s=s.breaker_reset_s,
+                                 exclude=[InvalidArgument], metrics=self.metrics),
+            generation=generation, analysis=analysis, patterns=self.store, workflows=self.workflows,
+            feedback=self.feedback, rules=RuleBasedPlanner(max_duration_s=s.max_generate_seconds * 10),
+            max_tokens=s.coordinator_max_tokens,
+        )
+        self.compose = compose
         self.admission = AdmissionControl(s.max_concurrent_requests, s.method_limit_map, metrics=self.metrics)
         self.health = HealthMonitor({"triton": self._triton_ready, "milvus": self._milvus_ready},
                                     optional={"generation": self._generation_ready}, metrics=self.metrics)
         self.server = self._grpc_server(OrchestratorService(analysis, self.store, self.admission, self.gate,
-                                                            self.metrics, generation))
+                                                            self.metrics, generation, compose))
         await self.server.start()
         log.info("gRPC API bound to %s:%d (NOT_SERVING until Triton and Milvus are ready)", s.host, self.port)
         await self.health.start()
@@ -203,6 +226,16 @@ class App:
         results = await asyncio.gather(*(self.triton.model_ready(m) for m in REQUIRED_MODELS))
         return all(results)
 
+    def _coordinator_backend(self, triton_url: str) -> CoordinatorBackend | None:
+        s = self.settings
+        if s.coordinator_backend == "none":
+            return None
+        if s.coordinator_backend == "openai":
+            return OpenAICoordinatorBackend(str(s.coordinator_openai_url), s.coordinator_openai_model,
+                                            s.coordinator_api_key, token_timeout_s=s.coordinator_token_timeout_s)
+        return TritonCoordinatorBackend(triton_url, s.coordinator_model, protocol=s.coordinator_triton_protocol,
+                                        token_timeout_s=s.coordinator_token_timeout_s)
+
     async def _generation_ready(self) -> bool:
         """Generation is optional: a deployment without AudioLDM still serves analysis (Generate answers
         UNAVAILABLE naming the missing model)."""
@@ -230,6 +263,10 @@ class App:
             await self.health.drain()
         if self.server:
             await self.server.stop(grace)
+        if self.compose:
+            await self.compose.engine.shutdown("the orchestrator stopped before the workflow finished")
+            if self.compose.coordinator:
+                await self.compose.coordinator.close()
         if self.health:
             await self.health.stop()
         if self._stats_task:
@@ -238,6 +275,9 @@ class App:
             await self.triton.close()
         if self.store:
             await asyncio.to_thread(self.store.close)
+        if self.workflows:
+            self.feedback.close()
+            self.workflows.close()
         if self.triton_process:
             await asyncio.to_thread(self.triton_process.stop)
         self.metrics.close()

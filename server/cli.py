@@ -19,7 +19,7 @@ from server.settings import Settings
 
 log = logging.getLogger("grym_synth")
 
-EXPORT_FIELDS = ("data_dir", "profile", "weights_dir", "seed")
+EXPORT_FIELDS = ("data_dir", "profile", "weights_dir", "audioldm_weights_dir", "coordinator_checkpoint", "seed")
 
 
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from server.export.repository import DEFAULT_MODELS, build_repository
 
     out = args.output or settings.repository_dir
-    manifest = build_repository(settings.profile, out, weights=settings.weights_dir, seed=settings.seed,
+    manifest = build_repository(settings.profile, out, weights=settings.model_weights, seed=settings.seed,
                                 models=args.models or DEFAULT_MODELS, force=args.force)
     print(f"model repository for profile {settings.profile}: {out} ({', '.join(manifest['models'])})")
     return 0

@@ -168,30 +168,39 @@ class GenerationService:
                 yield Progress(int(np.asarray(out["step"]).reshape(-1)[0]),
                                int(np.asarray(out["total_steps"]).reshape(-1)[0]))
 
+    async def synthesize(self, p: GenerateParams, *, deadline: float | None,
+                         request_id: str) -> AsyncIterator[Progress | tuple[np.ndarray, int, bool]]:
+        """Progress events, then (16 kHz samples, seed, cached): the audio alone, from the cache when this exact
+        deterministic request ran before. Shared by Generate and the workflow's generate/vary steps."""
+        key = self._cache_key(p)
+        hit = self.cache.get(key) if self.cache is not None and key else None
+        if hit is not None:
+            yield hit[0], hit[1], True
+            return
+        await self.check_models()
+        result = None
+        async for item in self._run_pipeline(p, deadline=deadline, request_id=request_id):
+            if isinstance(item, Progress):
+                yield item
+            else:
+                result = item
+        if result is None:
+            raise DownstreamError(f"triton:{PIPELINE_MODEL}", "the stream ended without a waveform")
+        waveform, rate, seed = result
+        samples = to_mono_16k(waveform[:, None], rate) if rate != TARGET_RATE_HZ else waveform
+        if self.cache is not None and key:
+            self.cache.put(key, (samples, seed), samples.nbytes)
+        yield samples, seed, False
+
     async def generate(self, p: GenerateParams, *, store: bool, tags: Mapping[str, str], deadline: float | None,
                        request_id: str) -> AsyncIterator[Progress | AudioData | Generated]:
         tags = validate_tags(tags)
-        key = self._cache_key(p)
-        hit = self.cache.get(key) if self.cache is not None and key else None
-        if hit is None:
-            await self.check_models()
-        if hit is not None:
-            samples, seed = hit
-            cached = True
-        else:
-            result = None
-            async for item in self._run_pipeline(p, deadline=deadline, request_id=request_id):
-                if isinstance(item, Progress):
-                    yield item
-                else:
-                    result = item
-            if result is None:
-                raise DownstreamError(f"triton:{PIPELINE_MODEL}", "the stream ended without a waveform")
-            waveform, rate, seed = result
-            samples = to_mono_16k(waveform[:, None], rate) if rate != TARGET_RATE_HZ else waveform
-            cached = False
-            if self.cache is not None and key:
-                self.cache.put(key, (samples, seed), samples.nbytes)
+        samples, seed, cached = np.zeros(0, np.float32), 0, False
+        async for item in self.synthesize(p, deadline=deadline, request_id=request_id):
+            if isinstance(item, Progress):
+                yield item
+            else:
+                samples, seed, cached = item
         yield AudioData(wav_chunks(samples, TARGET_RATE_HZ), TARGET_RATE_HZ)
         analysis = await self.analysis.run_model(self.analysis.validate(samples, "generated audio"),
                                                  include_features=False, deadline=deadline, request_id=request_id)

@@ -23,7 +23,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from grym.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc as pb_grpc
 from server.analysis import AnalysisService, StreamConfig, StreamSummary
 from server.audio import Audio, decode_pcm, decode_wav, to_mono_16k
+from server import protocol
+from server.compose import ComposeService, Features, Finished, PlanChosen, new_workflow_id
+from server.coordinator_backends import TokenEvent
 from server.errors import GrymError, InvalidArgument, Unavailable
+from server.pattern_learning import detect_clusters, rate_pattern
+from server.workflow import StepCancelled, StepFailed, StepFinished, StepProgress, StepStarted
+from server.workflow_store import WorkflowState
 from server.generation import AudioData, GenerateParams, GenerationService, Progress
 from server.generation import validate as validate_generation
 from server.logs import request_id_var
@@ -75,9 +81,10 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
     """Handlers are built once at start-up; they hold references to the serving objects only."""
 
     def __init__(self, analysis: AnalysisService, store: PatternStore, admission: AdmissionControl, gate: Gate,
-                 metrics: Metrics, generation: GenerationService) -> None:
+                 metrics: Metrics, generation: GenerationService, compose: ComposeService) -> None:
         self.analysis = analysis
         self.generation = generation
+        self.compose = compose
         self.store = store
         self.admission = admission
         self.gate = gate
@@ -223,15 +230,76 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     yield pb.GenerateResponse(request_id=rid, progress=pb.GenerateProgress(
                         step=event.step, total_steps=event.total_steps))
                 elif isinstance(event, AudioData):
-                    last = len(event.wav_chunks) - 1
-                    for i, chunk in enumerate(event.wav_chunks):
-                        yield pb.GenerateResponse(request_id=rid, audio=pb.AudioChunk(
-                            wav_data=chunk, chunk_index=i, last=i == last, sample_rate_hz=event.sample_rate_hz))
+                    for chunk in _audio_chunks(event):
+                        yield pb.GenerateResponse(request_id=rid, audio=chunk)
                 else:
                     yield pb.GenerateResponse(request_id=rid, result=pb.GenerateResult(
                         seed=event.seed, duration_seconds=event.duration_s, sample_rate_hz=event.sample_rate_hz,
                         frames=event.frames, embedding=event.embedding.tolist(),
                         pattern_id=event.pattern.id if event.pattern else "", cached=event.cached))
+
+    async def Compose(self, request: pb.ComposeRequest,
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ComposeResponse]:
+        async with self.rpc_scope("Compose", context, request.request_id) as scope:
+            rid, wid = scope.request_id, new_workflow_id()
+            step_types: dict[str, str] = {}
+            events = self.compose.compose(
+                request.request, max_tokens=request.max_tokens, seed=request.seed if request.HasField("seed") else None,
+                tags=dict(request.tags), deadline=_deadline(context), request_id=rid, workflow_id=wid)
+            async with contextlib.aclosing(events) as stream:
+                async for event in stream:
+                    if isinstance(event, PlanChosen):
+                        step_types = {s.id: s.type for s in event.plan.steps}
+                    if isinstance(event, AudioData):
+                        for chunk in _audio_chunks(event):
+                            yield pb.ComposeResponse(request_id=rid, workflow_id=wid, audio=chunk)
+                        continue
+                    message = _compose_message(event, step_types)
+                    if message is not None:
+                        message.request_id, message.workflow_id = rid, wid
+                        yield message
+                    if isinstance(event, Finished) and event.record.state == WorkflowState.FAILED:
+                        code = event.record.error_code or "INTERNAL"
+                        raise _status_error(code, f"workflow {wid} failed: {event.record.error}")
+
+    async def GetWorkflow(self, request: pb.GetWorkflowRequest,
+                          context: grpc.aio.ServicerContext) -> pb.GetWorkflowResponse:
+        async with self.rpc_scope("GetWorkflow", context, request.request_id) as scope:
+            if not request.workflow_id:
+                raise InvalidArgument("workflow_id is required")
+            record = await self.compose.workflows.get(request.workflow_id)
+            return pb.GetWorkflowResponse(request_id=scope.request_id, workflow=protocol.workflow(record))
+
+    async def ListWorkflows(self, request: pb.ListWorkflowsRequest,
+                            context: grpc.aio.ServicerContext) -> pb.ListWorkflowsResponse:
+        async with self.rpc_scope("ListWorkflows", context, request.request_id) as scope:
+            if not 0 <= request.page_size <= 500:
+                raise InvalidArgument(f"page_size must be 1..500, got {request.page_size}")
+            state = protocol.STATE_FROM_PROTO.get(request.state) if request.state else None
+            records, token = await self.compose.workflows.list(page_size=request.page_size or 50,
+                                                               page_token=request.page_token, state=state)
+            return pb.ListWorkflowsResponse(request_id=scope.request_id,
+                                            workflows=[protocol.workflow(r) for r in records], next_page_token=token)
+
+    async def ListPatternClusters(self, request: pb.ListPatternClustersRequest,
+                                  context: grpc.aio.ServicerContext) -> pb.ListPatternClustersResponse:
+        async with self.rpc_scope("ListPatternClusters", context, request.request_id) as scope:
+            if not 0 <= request.cluster_count <= 50:
+                raise InvalidArgument(f"cluster_count must be 1..50 (0: automatic), got {request.cluster_count}")
+            clusters = await detect_clusters(self.store, request.cluster_count or None, feedback=self.compose.feedback)
+            return pb.ListPatternClustersResponse(request_id=scope.request_id,
+                                                  clusters=[protocol.cluster(c) for c in clusters])
+
+    async def RatePattern(self, request: pb.RatePatternRequest,
+                          context: grpc.aio.ServicerContext) -> pb.RatePatternResponse:
+        async with self.rpc_scope("RatePattern", context, request.request_id) as scope:
+            _require_id(request.pattern_id)
+            if len(request.comment) > 1000:
+                raise InvalidArgument("comment is longer than 1000 characters")
+            summary = await rate_pattern(self.store, self.compose.feedback, request.pattern_id, request.rating,
+                                         request.comment)
+            return pb.RatePatternResponse(request_id=scope.request_id, pattern_id=request.pattern_id,
+                                          mean_rating=summary.mean, rating_count=summary.count)
 
     async def SearchPatterns(self, request: pb.SearchPatternsRequest,
                              context: grpc.aio.ServicerContext) -> pb.SearchPatternsResponse:
@@ -289,6 +357,52 @@ async def _drain(requests: AsyncIterator[object], limit_s: float = 2.0) -> None:
         await asyncio.wait_for(consume(), limit_s)
     except Exception:  # a broken or slow upload: the status goes out anyway
         pass
+
+
+STEP_STATES = {StepStarted: pb.ComposeStep.STATE_STARTED, StepProgress: pb.ComposeStep.STATE_PROGRESS,
+               StepFinished: pb.ComposeStep.STATE_FINISHED, StepFailed: pb.ComposeStep.STATE_FAILED,
+               StepCancelled: pb.ComposeStep.STATE_CANCELLED}
+
+
+def _compose_message(event: object, step_types: dict[str, str]) -> pb.ComposeResponse | None:
+    """One ComposeResponse per serving event (None for engine events the stream does not expose)."""
+    if isinstance(event, TokenEvent):
+        if not event.text:
+            return None
+        kind = pb.CoordinatorToken.KIND_THINKING if event.kind == "thinking" else pb.CoordinatorToken.KIND_ANSWER
+        return pb.ComposeResponse(token=pb.CoordinatorToken(kind=kind, text=event.text, index=event.token_index))
+    if isinstance(event, PlanChosen):
+        planner = (pb.ComposePlan.PLANNER_COORDINATOR if event.plan.planner == "coordinator"
+                   else pb.ComposePlan.PLANNER_RULES)
+        return pb.ComposeResponse(plan=pb.ComposePlan(
+            planner=planner, fallback_reason=event.plan.fallback_reason or "", plan_json=event.plan.to_json(),
+            recalled_pattern_ids=[p.id for p in event.recalled]))
+    if type(event) in STEP_STATES:
+        sid = getattr(event, "step_id")
+        return pb.ComposeResponse(step=pb.ComposeStep(
+            step_id=sid, step_type=step_types.get(sid, ""), state=STEP_STATES[type(event)],
+            done=getattr(event, "done", 0), total=getattr(event, "total", 0),
+            summary_json=protocol.to_json(getattr(event, "summary", None)),
+            error=getattr(event, "error", "") or getattr(event, "reason", "")))
+    if isinstance(event, Features):
+        return pb.ComposeResponse(features=pb.ComposeFeatures(step_id=event.step_id, frames=event.frames,
+                                                              embedding=event.embedding,
+                                                              duration_seconds=event.duration_s))
+    if isinstance(event, Finished):
+        return pb.ComposeResponse(summary=protocol.workflow(event.record))
+    return None
+
+
+def _audio_chunks(audio: AudioData) -> list[pb.AudioChunk]:
+    last = len(audio.wav_chunks) - 1
+    return [pb.AudioChunk(wav_data=chunk, chunk_index=i, last=i == last, sample_rate_hz=audio.sample_rate_hz)
+            for i, chunk in enumerate(audio.wav_chunks)]
+
+
+def _status_error(code: str, message: str) -> GrymError:
+    err = GrymError(message)
+    err.code = getattr(grpc.StatusCode, code, grpc.StatusCode.INTERNAL)
+    return err
 
 
 SCHEDULER_NAMES = {

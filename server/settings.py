@@ -33,7 +33,13 @@ class Settings(BaseSettings):
     # --- data and models ----------------------------------------------------------------------------------------
     data_dir: Path = Field(REPO_ROOT / "data", description="Where generated model repositories and databases live.")
     profile: Profile = Field("tiny", description="Model size profile: tiny (tests/CI), base/full (real sizes).")
-    weights_dir: Path | None = Field(None, description="Local checkpoint directory for real Wav2Vec2 weights.")
+    weights_dir: Path | None = Field(None, description="Local Wav2Vec2 checkpoint (e.g. a copy of facebook/wav2vec2-base).")
+    audioldm_weights_dir: Path | None = Field(
+        None, description="Local diffusers AudioLDM checkpoint (e.g. a copy of cvssp/audioldm-s-full-v2)."
+    )
+    coordinator_checkpoint: Path | None = Field(
+        None, description="Local Qwen2-architecture checkpoint for the coordinator (e.g. DeepSeek-R1-Distill-Qwen-14B)."
+    )
     seed: int = Field(0, description="Seed for deterministic weights when no checkpoint is given.")
 
     # --- Triton -------------------------------------------------------------------------------------------------
@@ -44,6 +50,23 @@ class Settings(BaseSettings):
     triton_startup_timeout_s: float = Field(180.0, gt=0, description="How long to wait for Triton's models.")
     triton_channels: int = Field(2, ge=1, le=64, description="gRPC channels pooled to Triton.")
     triton_timeout_s: float = Field(30.0, gt=0, description="Default deadline of one Triton call.")
+
+    # --- coordinator and workflows -------------------------------------------------------------------------------
+    coordinator_backend: Literal["triton", "openai", "none"] = Field(
+        "triton", description="Coordinator LLM: the Triton model, an OpenAI-compatible endpoint, or none (rules)."
+    )
+    coordinator_model: str = Field("coordinator", description="Triton model name (or vLLM-backend model) of it.")
+    coordinator_triton_protocol: Literal["grym", "vllm"] = Field(
+        "grym", description="Tensor protocol of the Triton coordinator: ours, or Triton's vLLM backend."
+    )
+    coordinator_openai_url: str | None = Field(None, description="Base URL of an OpenAI-compatible server.")
+    coordinator_openai_model: str = Field("deepseek-r1", description="Model name on the OpenAI-compatible server.")
+    coordinator_api_key: str | None = Field(None, description="API key for the OpenAI-compatible server.")
+    coordinator_max_tokens: int = Field(512, ge=1, le=8192, description="Default token budget of a plan answer.")
+    coordinator_token_timeout_s: float = Field(30.0, gt=0, description="Coordinator stall timeout between tokens.")
+    workflow_store_url: str | None = Field(
+        None, description="Workflow store: sqlite:///path.db (default under data_dir) or postgresql://... (replicas)."
+    )
 
     # --- pattern memory -----------------------------------------------------------------------------------------
     milvus_uri: str | None = Field(None, description="Milvus server URI; unset: milvus-lite file under data_dir.")
@@ -100,6 +123,16 @@ class Settings(BaseSettings):
         return self.data_dir / "model_repository" / self.profile
 
     @property
+    def workflow_store_target(self) -> str:
+        return self.workflow_store_url or f"sqlite:///{self.data_dir / 'workflows' / 'workflows.db'}"
+
+    @property
+    def model_weights(self) -> dict[str, Path | None]:
+        """Checkpoint directory per weight family (see server.export.repository.WEIGHT_FAMILY)."""
+        return {"wav2vec2": self.weights_dir, "audioldm": self.audioldm_weights_dir,
+                "coordinator": self.coordinator_checkpoint}
+
+    @property
     def milvus_target(self) -> str:
         """The Milvus URI to connect to: a server URI or the milvus-lite file."""
         return self.milvus_uri or str(self.data_dir / "milvus" / "patterns.db")
@@ -111,5 +144,7 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.coordinator_backend == "openai" and not self.coordinator_openai_url:
+            raise ValueError("coordinator_backend=openai needs coordinator_openai_url")
         self.method_limit_map  # validate early: a typo should stop start-up, not the first request
         return self

@@ -175,10 +175,10 @@ class TritonClient:
             "inputs": [_input(k, v) for k, v in inputs.items()],
             "outputs": [InferRequestedOutput(o) for o in outputs],
             "request_id": request_id,
-            "enable_empty_final_response": True,
+            # The aio client ignores the `enable_empty_final_response` key; the request parameter is what Triton
+            # reads, and the empty final response is how we know the stream is complete.
+            "parameters": {"triton_enable_empty_final_response": True, **dict(parameters or {})},
         }
-        if parameters:
-            request["parameters"] = dict(parameters)
 
         async def requests() -> AsyncIterator[dict[str, Any]]:
             yield request

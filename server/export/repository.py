@@ -14,7 +14,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,13 @@ EXPORTERS: dict[str, str] = {
     "vae_decoder": "server.export.audioldm:export_vae_decoder",
     "vocoder": "server.export.audioldm:export_vocoder",
     "audioldm": "server.export.audioldm:export_pipeline",
+    "coordinator": "server.export.coordinator:export",
 }
 
 # Every model the product serves (the test-suite's shared Triton loads all of them).
-ALL_MODELS: tuple[str, ...] = ("wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder", "audioldm")
+ALL_MODELS: tuple[str, ...] = (
+    "wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder", "audioldm", "coordinator",
+)
 # What `grym-synth serve` builds by default.
 DEFAULT_MODELS: tuple[str, ...] = ALL_MODELS
 
@@ -58,14 +61,42 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
         return None
 
 
-def is_built(out_dir: Path, profile: str, models: Iterable[str], weights: Path | None, seed: int) -> bool:
+# Which checkpoint family each model's weights come from (one local directory per family).
+WEIGHT_FAMILY = {
+    "wav2vec2": "wav2vec2", "clap_text_encoder": "audioldm", "unet": "audioldm", "vae_decoder": "audioldm",
+    "vocoder": "audioldm", "audioldm": "audioldm", "coordinator": "coordinator",
+}
+
+
+# What a deployment profile means for each family: "base" and "full" both select the real architecture sizes
+# (wav2vec2-base, AudioLDM-S); the coordinator stays the small seeded Qwen2 unless a checkpoint is given.
+FAMILY_PROFILE = {
+    "tiny": {"wav2vec2": "tiny", "audioldm": "tiny", "coordinator": "tiny"},
+    "base": {"wav2vec2": "base", "audioldm": "full", "coordinator": "tiny"},
+    "full": {"wav2vec2": "base", "audioldm": "full", "coordinator": "tiny"},
+}
+
+
+def family_profile(profile: str, model: str, has_weights: bool) -> str:
+    family = WEIGHT_FAMILY.get(model, model)
+    if family == "coordinator" and has_weights:
+        return profile
+    return FAMILY_PROFILE.get(profile, {}).get(family, profile)
+
+
+def _weights_key(weights: Mapping[str, Path | None] | None) -> dict[str, str]:
+    return {k: str(v) for k, v in sorted((weights or {}).items()) if v}
+
+
+def is_built(out_dir: Path, profile: str, models: Iterable[str], weights: Mapping[str, Path | None] | None,
+             seed: int) -> bool:
     """True when ``out_dir`` already holds exactly this build (same profile, weights, seed and models)."""
     manifest = read_manifest(out_dir)
     if not manifest or manifest.get("format") != FORMAT_VERSION:
         return False
     same = (
         manifest.get("profile") == profile
-        and manifest.get("weights") == (str(weights) if weights else None)
+        and manifest.get("weights") == _weights_key(weights)
         and manifest.get("seed") == seed
     )
     return same and set(models) <= set(manifest.get("models", {}))
@@ -87,12 +118,15 @@ def build_repository(
     profile: str,
     out_dir: Path,
     *,
-    weights: Path | None = None,
+    weights: Mapping[str, Path | None] | None = None,
     seed: int = 0,
     models: Iterable[str] | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Build (or reuse) the repository for ``profile`` in ``out_dir`` and return its manifest."""
+    """Build (or reuse) the repository for ``profile`` in ``out_dir`` and return its manifest.
+
+    ``weights`` maps a checkpoint family ("wav2vec2", "audioldm", "coordinator"; see :data:`WEIGHT_FAMILY`) to a
+    local checkpoint directory; families without one get seeded weights."""
     out_dir = Path(out_dir)
     names = list(models or DEFAULT_MODELS)
     if not force and is_built(out_dir, profile, names, weights, seed):
@@ -105,14 +139,16 @@ def build_repository(
         started = time.perf_counter()
         model_dir = _copy_template(name, out_dir)
         spec = EXPORTERS.get(name)
-        meta = _load_exporter(spec)(profile, model_dir, weights, seed) if spec else {}
+        family_weights = (weights or {}).get(WEIGHT_FAMILY.get(name, name))
+        model_profile = family_profile(profile, name, family_weights is not None)
+        meta = _load_exporter(spec)(model_profile, model_dir, family_weights, seed) if spec else {}
         meta["export_seconds"] = round(time.perf_counter() - started, 2)
         built[name] = meta
         log.info("exported %s (profile=%s) in %.1fs", name, profile, meta["export_seconds"])
     manifest = {
         "format": FORMAT_VERSION,
         "profile": profile,
-        "weights": str(weights) if weights else None,
+        "weights": _weights_key(weights),
         "seed": seed,
         "models": built,
         "built_at": time.time(),

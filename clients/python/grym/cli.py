@@ -2,6 +2,7 @@
 
     grym --target localhost:50051 analyze song.wav --store --tag mood=calm
     grym generate "warm analog pad, slow attack" --seconds 5 --steps 10 --out pad.wav
+    grym compose "90 second ambient piece, rain, slow build"
     grym search --pattern-id 3f2c... --top-k 5
     grym search --like song.wav --tag mood=calm
     grym patterns list | get ID | delete ID
@@ -15,7 +16,10 @@ import json
 import os
 import sys
 
+from google.protobuf.json_format import MessageToJson
+
 from grym.client import Client, GrymError
+from grym.v1 import orchestrator_pb2 as pb
 
 EXIT_ERROR = 1
 
@@ -60,6 +64,23 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", default="generated.wav", help="where to write the WAV")
     gen.add_argument("--store", action="store_true", help="store the result as a pattern")
     gen.add_argument("--tag", action="append", help="key=value label for the stored pattern (repeatable)")
+
+    comp = sub.add_parser("compose", help="compose from a musical request (coordinator LLM + workflow)")
+    comp.add_argument("request")
+    comp.add_argument("--out", default="composition.wav", help="where to write the WAV")
+    comp.add_argument("--max-tokens", type=int, default=0, help="coordinator token budget (0: server default)")
+    comp.add_argument("--seed", type=int, help="coordinator sampling seed")
+    comp.add_argument("--tag", action="append", help="key=value label for stored patterns (repeatable)")
+    comp.add_argument("--quiet-tokens", action="store_true", help="do not print the coordinator's tokens")
+
+    wf = sub.add_parser("workflows", help="list workflows or show one")
+    wf.add_argument("workflow_id", nargs="?")
+
+    sub.add_parser("clusters", help="recurring patterns (clusters of stored embeddings)")
+    rate = sub.add_parser("rate", help="rate a stored pattern 1-5")
+    rate.add_argument("pattern_id")
+    rate.add_argument("rating", type=int)
+    rate.add_argument("--comment", default="")
 
     search = sub.add_parser("search", help="find similar stored patterns")
     group = search.add_mutually_exclusive_group(required=True)
@@ -110,6 +131,43 @@ def _generate(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _compose(args: argparse.Namespace, client: Client) -> int:
+    chunks: list[bytes] = []
+    kind_now = None
+    for event in client.compose(args.request, max_tokens=args.max_tokens, seed=args.seed, tags=_tags(args.tag)):
+        kind = event.WhichOneof("event")
+        if kind == "token" and not args.quiet_tokens:
+            label = "thinking" if event.token.kind == pb.CoordinatorToken.KIND_THINKING else "answer"
+            if label != kind_now:
+                print(f"\n--- coordinator {label} ---", file=sys.stderr)
+                kind_now = label
+            print(event.token.text, end="", file=sys.stderr, flush=True)
+        elif kind == "plan":
+            planner = pb.ComposePlan.Planner.Name(event.plan.planner).removeprefix("PLANNER_").lower()
+            reason = f" ({event.plan.fallback_reason})" if event.plan.fallback_reason else ""
+            print(f"\n--- plan by {planner}{reason} ---\n{event.plan.plan_json}", file=sys.stderr)
+        elif kind == "step":
+            st = event.step
+            state = pb.ComposeStep.State.Name(st.state).removeprefix("STATE_").lower()
+            if st.state == pb.ComposeStep.STATE_PROGRESS:
+                print(f"\r  {st.step_id}: {_bar(st.done, st.total)}", end="", file=sys.stderr, flush=True)
+            else:
+                detail = st.error or st.summary_json
+                print(f"\n  {st.step_id} ({st.step_type}) {state} {detail[:200]}", file=sys.stderr)
+        elif kind == "audio":
+            chunks.append(event.audio.wav_data)
+        elif kind == "summary":
+            w = event.summary
+            if chunks:
+                with open(args.out, "wb") as f:
+                    f.write(b"".join(chunks))
+            print(json.dumps({"workflow_id": w.workflow_id, "state": pb.Workflow.State.Name(w.state),
+                              "planner": w.planner, "fallback_reason": w.fallback_reason,
+                              "audio_seconds": round(w.audio_seconds, 2), "pattern_ids": list(w.pattern_ids),
+                              "out": args.out if chunks else None}, indent=2))
+    return 0
+
+
 def run(args: argparse.Namespace, client: Client) -> int:
     if args.command == "analyze":
         result = client.analyze(args.wav, store=args.store, tags=_tags(args.tag), include_features=args.features)
@@ -123,6 +181,20 @@ def run(args: argparse.Namespace, client: Client) -> int:
         print(json.dumps(out, indent=2))
     elif args.command == "generate":
         return _generate(args, client)
+    elif args.command == "compose":
+        return _compose(args, client)
+    elif args.command == "workflows":
+        if args.workflow_id:
+            print(MessageToJson(client.get_workflow(args.workflow_id)))
+        else:
+            for w in client.list_workflows():
+                print(f"{w.workflow_id}  {pb.Workflow.State.Name(w.state):18} {w.planner:11} {w.request[:60]}")
+    elif args.command == "clusters":
+        for c in client.clusters():
+            print(f"{c.size:4}  {c.label:40} cohesion={c.cohesion:.2f} rating={c.mean_rating:.1f}")
+    elif args.command == "rate":
+        r = client.rate(args.pattern_id, args.rating, args.comment)
+        print(f"{r.pattern_id}: mean {r.mean_rating:.2f} over {r.rating_count} rating(s)")
     elif args.command == "search":
         if args.like:
             emb = client.analyze(args.like).embedding

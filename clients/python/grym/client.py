@@ -113,8 +113,8 @@ def _generate_request(prompt: str, *, seconds: float, steps: int, guidance_scale
     return req
 
 
-def wav_from_events(events: Sequence[pb.GenerateResponse]) -> bytes:
-    """Join the audio chunks of a Generate stream into one WAV file."""
+def wav_from_events(events: Sequence[pb.GenerateResponse] | Sequence[pb.ComposeResponse]) -> bytes:
+    """Join the audio chunks of a Generate or Compose stream into one WAV file."""
     chunks = sorted((e.audio for e in events if e.WhichOneof("event") == "audio"), key=lambda a: a.chunk_index)
     return b"".join(c.wav_data for c in chunks)
 
@@ -179,6 +179,31 @@ class Client:
             raise GrymError.from_rpc(err) from None
         finally:
             call.cancel()  # no-op when the call already finished
+
+    def compose(self, request: str, *, max_tokens: int = 0, seed: int | None = None,
+                tags: Mapping[str, str] | None = None, request_id: str | None = None,
+                timeout_s: float | None = None) -> Iterator[pb.ComposeResponse]:
+        """The Compose event stream: coordinator tokens, the plan, step events, features, audio, summary."""
+        req = pb.ComposeRequest(request_id=request_id or uuid.uuid4().hex, request=request, max_tokens=max_tokens,
+                                tags=dict(tags or {}))
+        if seed is not None:
+            req.seed = seed
+        yield from self._server_stream(self.stub.Compose(req, timeout=timeout_s or self.timeout_s,
+                                                         metadata=self.metadata))
+
+    def get_workflow(self, workflow_id: str) -> pb.Workflow:
+        return self._call(self.stub.GetWorkflow, pb.GetWorkflowRequest(workflow_id=workflow_id)).workflow
+
+    def list_workflows(self, *, page_size: int = 50) -> list[pb.Workflow]:
+        return list(self._call(self.stub.ListWorkflows, pb.ListWorkflowsRequest(page_size=page_size)).workflows)
+
+    def clusters(self, cluster_count: int = 0) -> list[pb.PatternCluster]:
+        return list(self._call(self.stub.ListPatternClusters,
+                               pb.ListPatternClustersRequest(cluster_count=cluster_count)).clusters)
+
+    def rate(self, pattern_id: str, rating: int, comment: str = "") -> pb.RatePatternResponse:
+        return self._call(self.stub.RatePattern, pb.RatePatternRequest(pattern_id=pattern_id, rating=rating,
+                                                                       comment=comment))
 
     def search(self, *, embedding: Sequence[float] | None = None, pattern_id: str | None = None, top_k: int = 10,
                tag_filter: Mapping[str, str] | None = None) -> list[pb.PatternMatch]:
@@ -270,6 +295,17 @@ class AsyncClient:
                                 request_id=request_id)
         async for event in self._server_stream(self.stub.Generate(req, timeout=timeout_s or self.timeout_s,
                                                                    metadata=self.metadata)):
+            yield event
+
+    async def compose(self, request: str, *, max_tokens: int = 0, seed: int | None = None,
+                      tags: Mapping[str, str] | None = None, request_id: str | None = None,
+                      timeout_s: float | None = None) -> AsyncIterator[pb.ComposeResponse]:
+        req = pb.ComposeRequest(request_id=request_id or uuid.uuid4().hex, request=request, max_tokens=max_tokens,
+                                tags=dict(tags or {}))
+        if seed is not None:
+            req.seed = seed
+        async for event in self._server_stream(self.stub.Compose(req, timeout=timeout_s or self.timeout_s,
+                                                                 metadata=self.metadata)):
             yield event
 
     async def search(self, *, embedding: Sequence[float] | None = None, pattern_id: str | None = None,
