@@ -37,5 +37,13 @@ grym analyze "$DATA/demo/pad_a_minor.wav" --store --tag mood=dark --tag kind=pad
 grym analyze "$DATA/demo/pulse_120bpm.wav" --store --tag mood=driving --tag kind=rhythm
 grym search --like "$DATA/demo/pad_c_major.wav" --top-k 3
 grym patterns list --tag kind=pad
+grym generate "warm analog pad, slow attack" --seconds 5 --steps 10 --seed 7 --out "$DATA/demo/generated_pad.wav" \
+  --store --tag kind=generated
+grym compose "10 second ambient piece, rain, slow build" --max-tokens 48 --out "$DATA/demo/composition.wav" \
+  --tag session=demo
+grym workflows
+grym clusters
 set +x
+echo "== audio written to $DATA/demo/generated_pad.wav and $DATA/demo/composition.wav (seeded weights: the"
+echo "   pipeline and its numbers are real, the sound is not music; see README 'About the weights')"
 echo "== demo done; stopping (SIGTERM drains requests and stops Triton and Milvus)"

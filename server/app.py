@@ -25,7 +25,7 @@ from server.export.repository import DEFAULT_MODELS, build_repository
 from server.export.wav2vec2 import MIN_SAMPLES
 from server.compose import ComposeService
 from server.coordinator_backends import CoordinatorBackend, OpenAICoordinatorBackend, TritonCoordinatorBackend
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, NotFound
 from server.generation import COMPONENT_MODELS as GENERATION_COMPONENTS
 from server.generation import PIPELINE_MODEL as GENERATION_PIPELINE
 from server.generation import GenerationService
@@ -159,7 +159,10 @@ class App:
                                    metrics=self.metrics, retry_policy=RetryPolicy(attempts=s.retry_attempts),
                                    breaker_fail_max=s.breaker_fail_max, breaker_reset_s=s.breaker_reset_s)
         self.store = PatternStore(s.milvus_target, dim=0, model=ANALYSIS_MODEL, profile=s.profile,
-                                  collection_prefix=s.collection_prefix, token=s.milvus_token)
+                                  collection_prefix=s.collection_prefix, token=s.milvus_token,
+                                  breaker=AsyncBreaker("milvus", fail_max=s.breaker_fail_max,
+                                                       reset_timeout_s=s.breaker_reset_s,
+                                                       exclude=[InvalidArgument, NotFound], metrics=self.metrics))
         budget = MemoryBudget(s.max_inflight_audio_bytes, self.metrics)
         self.cache = LruCache("analysis", max_entries=s.cache_max_entries, max_bytes=s.cache_max_bytes,
                               metrics=self.metrics)
@@ -265,6 +268,7 @@ class App:
             await self.server.stop(grace)
         if self.compose:
             await self.compose.engine.shutdown("the orchestrator stopped before the workflow finished")
+            await self.compose.close()
             if self.compose.coordinator:
                 await self.compose.coordinator.close()
         if self.health:

@@ -12,6 +12,7 @@ Cancellation or the deadline cancels the coordinator stream and every running st
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -27,7 +28,7 @@ from server.audio import TARGET_RATE_HZ, to_mono_16k
 from server.coordinator_backends import CoordinatorBackend, TokenEvent
 from server.errors import Cancelled, DeadlineExceeded, GrymError, InvalidArgument
 from server.generation import AudioData, GenerationService, Progress, validate, wav_chunks
-from server.pattern_learning import FeedbackStore, recall_for_request
+from server.pattern_learning import FeedbackStore, detect_clusters, recall_for_request
 from server.patterns import PatternRecord, PatternStore, validate_tags
 from server.plans import Plan, RuleBasedPlanner, Step, choose_plan, plan_instructions
 from server.resilience import AsyncBreaker
@@ -49,6 +50,25 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_CHARS = 4000
 MAX_TOKENS_LIMIT = 8192
 RECALL_TOP_K = 5
+CLUSTER_TTL_S = 60.0
+CLUSTER_LINES = 5
+
+
+def cluster_context(clusters: Sequence[tuple[str, int, float]]) -> str:
+    """Recurring patterns (label, size, mean rating) as a few lines of coordinator context."""
+    if not clusters:
+        return ""
+    lines = ["Recurring patterns in memory (label, size, mean rating):"]
+    lines += [f"- {label} ({size} patterns, rating {rating:.1f})" for label, size, rating in clusters[:CLUSTER_LINES]]
+    return "\n".join(lines)
+
+
+def compose_prompt(request: str, recalled: Sequence[PatternRecord], clusters_text: str = "") -> str:
+    """DeepSeek-R1 guidance: no system prompt, so the instructions and context go into the user turn."""
+    parts = [request.strip(), plan_instructions(recalled)]
+    if clusters_text:
+        parts.append(clusters_text)
+    return "\n\n".join(parts)
 
 
 @dataclass
@@ -146,6 +166,9 @@ class ComposeService:
         self.temperature = temperature
         self.top_p = top_p
         self.request_tags: dict[str, dict[str, str]] = {}
+        self._clusters_text = ""
+        self._clusters_at = float("-inf")
+        self._clusters_task: asyncio.Task[None] | None = None
         analyze = AnalyzeExecutor(analysis)
         generate = GenerateExecutor(generation)
         self.engine = WorkflowEngine({
@@ -164,9 +187,28 @@ class ComposeService:
             raise InvalidArgument(f"max_tokens must be 1..{MAX_TOKENS_LIMIT} (0: server default), got {max_tokens}")
         validate_tags(tags)
 
+    def clusters_text(self) -> str:
+        """The latest cluster summary; refreshed in the background at most every CLUSTER_TTL_S so that a Compose
+        call never waits for k-means over the whole pattern memory."""
+        stale = time.monotonic() - self._clusters_at > CLUSTER_TTL_S
+        if stale and (self._clusters_task is None or self._clusters_task.done()):
+            self._clusters_task = asyncio.create_task(self._refresh_clusters(), name="cluster-context")
+        return self._clusters_text
+
+    async def _refresh_clusters(self) -> None:
+        try:
+            clusters = await detect_clusters(self.patterns, None, feedback=self.feedback)
+            self._clusters_text = cluster_context([(c.label, c.size, c.mean_rating or 0.0) for c in clusters])
+        except GrymError as exc:  # memory unavailable: keep the last summary, retry after the TTL
+            log.info("cluster context not refreshed: %s", exc.message)
+        self._clusters_at = time.monotonic()
+
+    async def close(self) -> None:
+        if self._clusters_task is not None:
+            self._clusters_task.cancel()
+
     def prompt(self, request: str, recalled: Sequence[PatternRecord]) -> str:
-        """DeepSeek-R1 guidance: no system prompt, so the instructions go into the user turn."""
-        return f"{request.strip()}\n\n{plan_instructions(recalled)}"
+        return compose_prompt(request, recalled, self.clusters_text())
 
     async def _coordinate(self, request: str, recalled: Sequence[PatternRecord], *, max_tokens: int,
                           seed: int | None, deadline: float | None, request_id: str,

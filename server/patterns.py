@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from server.errors import InvalidArgument, NotFound, Unavailable
+from server.resilience import AsyncBreaker
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class PatternStore:
     """CRUD and similarity search over stored patterns."""
 
     def __init__(self, uri: str, *, dim: int, model: str, profile: str, collection_prefix: str = "grym_patterns",
-                 token: str | None = None) -> None:
+                 token: str | None = None, breaker: AsyncBreaker | None = None) -> None:
         self.uri = uri
         self.token = token
         self.dim = dim
@@ -121,6 +122,8 @@ class PatternStore:
         self._client: Any = None
         self._lock = threading.Lock()  # milvus-lite's local engine is not safe for concurrent writers
         self.ready = False
+        # Trips on Milvus failures (not on bad requests), so an outage answers UNAVAILABLE at once.
+        self.breaker = breaker or AsyncBreaker("milvus", exclude=[InvalidArgument, NotFound])
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -185,14 +188,17 @@ class PatternStore:
             with self._lock:
                 return fn()
 
-        try:
-            return await asyncio.to_thread(locked)
-        except (InvalidArgument, NotFound):
-            raise
-        except Exception as exc:
-            if _is_connection_error(exc):
-                raise Unavailable("milvus", str(exc)) from exc
-            raise
+        async def call() -> T:
+            try:
+                return await asyncio.to_thread(locked)
+            except (InvalidArgument, NotFound):
+                raise
+            except Exception as exc:
+                if _is_connection_error(exc):
+                    raise Unavailable("milvus", str(exc)) from exc
+                raise
+
+        return await self.breaker.call(call)
 
     def check_vector(self, vector: Sequence[float], what: str = "embedding") -> list[float]:
         if len(vector) != self.dim:

@@ -237,3 +237,10 @@ def test_grafana_dashboard_uses_exported_metric_names(orchestrator) -> None:  # 
     families = set(re.findall(r"^# TYPE (\S+)", text, flags=re.M))
     exported = families | {f + s for f in families for s in ("_total", "_bucket", "_count", "_sum")}
     assert used and used <= exported, used - exported
+
+
+def test_request_id_is_an_exemplar_of_the_latency_histogram(orchestrator, client: Client) -> None:  # type: ignore[no-untyped-def]
+    client.analyze(tone(0.4, seed=31337), sample_rate_hz=16_000, request_id="exemplar-req-1")
+    req = urllib.request.Request(orchestrator.metrics_url, headers={"Accept": "application/openmetrics-text"})
+    text = urllib.request.urlopen(req, timeout=5).read().decode()
+    assert '# {request_id="exemplar-req-1"}' in text

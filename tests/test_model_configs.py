@@ -1,0 +1,48 @@
+"""Every Triton model config in model_repository/ parses as Triton's ModelConfig protobuf and is consistent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from server.export.repository import ALL_MODELS, EXPORTERS
+
+REPO = Path(__file__).resolve().parent.parent / "model_repository"
+CONFIGS = sorted(REPO.glob("*/config.pbtxt")) + sorted(REPO.glob("*/configs/*.pbtxt"))
+
+
+def parse(path: Path) -> model_config_pb2.ModelConfig:
+    return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
+def test_config_parses_and_names_its_folder(path: Path) -> None:
+    config = parse(path)
+    folder = path.parent if path.name == "config.pbtxt" else path.parent.parent
+    assert config.name == folder.name
+    assert config.input and config.output
+    if config.backend == "python":
+        assert (folder / "1" / "model.py").exists(), "python-backend model without 1/model.py"
+    if config.max_batch_size > 0 and folder.name != "coordinator":
+        assert config.HasField("dynamic_batching") or config.model_transaction_policy.decoupled
+
+
+def test_every_served_model_has_a_template_and_streaming_models_are_decoupled() -> None:
+    assert set(ALL_MODELS) == {p.parent.name for p in REPO.glob("*/config.pbtxt")}
+    for name in ("audioldm", "coordinator"):
+        assert parse(REPO / name / "config.pbtxt").model_transaction_policy.decoupled, name
+    assert set(EXPORTERS) <= set(ALL_MODELS)
+
+
+def test_native_variants_keep_the_tensor_contract() -> None:
+    """configs/onnxruntime.pbtxt and configs/tensorrt.pbtxt serve the same ONNX file with the same tensors."""
+    for variant in REPO.glob("*/configs/*.pbtxt"):
+        base = parse(variant.parent.parent / "config.pbtxt")
+        other = parse(variant)
+        if other.backend in ("vllm",):
+            continue  # the coordinator's vLLM variant speaks the vLLM backend's own tensors
+        assert [(i.name, i.data_type) for i in other.input] == [(i.name, i.data_type) for i in base.input], variant
+        assert [(o.name, o.data_type) for o in other.output] == [(o.name, o.data_type) for o in base.output], variant
