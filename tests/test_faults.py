@@ -248,3 +248,34 @@ def test_mtls_and_bearer_token(triton: EmbeddedTriton, tmp_path: Path) -> None:
             c.health()  # plaintext to a TLS port
     finally:
         orch.stop()
+
+
+def test_triton_killed_mid_request_gives_unavailable_and_nothing_stored(private_triton: EmbeddedTriton,
+                                                                        tmp_path: Path) -> None:
+    """Kill Triton while a StreamAnalyze (with store) is between windows: the call ends UNAVAILABLE naming the
+    model, no pattern is written, and a later request recovers once Triton is back."""
+    orch = start_orch(private_triton, tmp_path, "--retry-attempts", "1")
+    try:
+        with Client(orch.target) as c:
+            got, code, message = 0, None, ""
+            try:
+                for resp in c.stream_analyze(tone(60.0, seed=8), 16_000, store=True):
+                    got += 1
+                    if got == 1:
+                        private_triton.kill()
+            except GrymError as err:
+                code, message = err.code, err.message
+            assert got >= 1 and code == C.UNAVAILABLE and "triton:wav2vec2" in message, (got, code, message)
+            assert list(c.list_patterns()) == []
+            private_triton.restart()
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    assert c.analyze(tone(0.5, seed=77), sample_rate_hz=16_000).frames == 24
+                    break
+                except GrymError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+    finally:
+        orch.stop()
