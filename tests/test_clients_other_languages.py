@@ -2,8 +2,8 @@
 
 WHY: the API is only as good as its stubs in the languages our users write. These tests build each client from
 proto/ with that language's stock toolchain (Debian's g++ 12 + libgrpc++, Node + @grpc/grpc-js) and check that
-every command gives the same answer as the Python stubs on the same server: health, unary AnalyzeAudio, and the
-streaming call with its events in order.
+every command gives the same answer as the Python stubs on the same server: health, unary AnalyzeAudio, the
+bidirectional StreamAnalyze and the server-streaming Generate, with their events in order.
 
 The C++ build is incremental in build/cpp (GRYM_CPP_BUILD_DIR overrides it): built once per session, seconds
 when nothing changed. Missing toolchains skip on a developer machine and fail under CI=true, where
@@ -267,6 +267,80 @@ def test_stream_text_output(cli: Runner, long_clip: Path) -> None:
     assert lines[0].startswith("window index=0 ")
     assert lines[-1].startswith("final ")
     assert all(line.startswith("window ") for line in lines[:-1])
+
+
+# --- server-streaming Generate -------------------------------------------------------------------------------
+
+GENERATE = {"prompt": "soft mallet marimba, slow", "duration_seconds": 1.0, "steps": 3}
+# Distinct seeds per client and test: the server caches deterministic results, and a cache hit streams no progress.
+SEEDS = {("cpp", "json"): 4321, ("node", "json"): 4322, ("cpp", "text"): 4331, ("node", "text"): 4332}
+
+
+@pytest.fixture(scope="session", autouse=False)
+def has_generate() -> None:
+    if "Generate" not in pb.DESCRIPTOR.services_by_name["Orchestrator"].methods_by_name:
+        pytest.skip("this API version has no Generate RPC")
+
+
+def _generate_args(seed: int) -> list[str]:
+    return ["generate", GENERATE["prompt"], "--seconds", str(GENERATE["duration_seconds"]),
+            "--steps", str(GENERATE["steps"]), "--seed", str(seed)]
+
+
+def _check_event_order(kinds: list[str], cached: bool) -> None:
+    """progress 1..n (none when served from the result cache), then audio chunks, then the result."""
+    n = 0 if cached else GENERATE["steps"]
+    assert kinds[:n] == ["progress"] * n and kinds[-1] == "result" and set(kinds[n:-1]) == {"audio"}, kinds
+
+
+def test_generate_prints_progress_audio_and_result_in_order(
+    has_generate: None, cli: Runner, stub: pb_grpc.OrchestratorStub, tmp_path: Path
+) -> None:
+    seed = SEEDS[(cli.kind, "json")]  # type: ignore[attr-defined]
+    out = tmp_path / "generated.wav"
+    result = cli("--json", *_generate_args(seed), "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert events[-1]["cached"] is False, "fresh seed expected: the full denoising stream"
+    _check_event_order(kinds, cached=False)
+    n = GENERATE["steps"]
+    assert [(e["step"], e["total_steps"]) for e in events[:n]] == [(i, n) for i in range(1, n + 1)]
+    chunks = [e for e in events if e["event"] == "audio"]
+    assert [c["chunk_index"] for c in chunks] == list(range(len(chunks))) and chunks[-1]["last"]
+    audio, rate = sf.read(str(out), dtype="float32")
+    assert rate == events[-1]["sample_rate_hz"] and np.isfinite(audio).all() and np.abs(audio).max() > 0
+    assert len(audio) / rate == pytest.approx(events[-1]["duration_seconds"], abs=1e-3)
+
+    # The same seeded generation through the Python stubs: byte-identical WAV, same result.
+    ref = list(stub.Generate(pb.GenerateRequest(**GENERATE, seed=seed), timeout=RPC_TIMEOUT_S))
+    assert out.read_bytes() == b"".join(e.audio.wav_data for e in ref if e.WhichOneof("event") == "audio")
+    got, want = events[-1], ref[-1].result
+    assert got["seed"] == str(seed) == str(want.seed)
+    assert got["frames"] == want.frames > 0
+    np.testing.assert_allclose(got["embedding"], want.embedding, rtol=1e-5, atol=1e-6)
+
+
+def test_generate_text_output_fresh_then_cached(has_generate: None, cli: Runner) -> None:
+    seed = SEEDS[(cli.kind, "text")]  # type: ignore[attr-defined]
+    n = GENERATE["steps"]
+    for attempt in range(2):
+        result = cli(*_generate_args(seed))
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        last = lines[-1]
+        assert last.startswith(f"result   seed={seed} "), last
+        cached = "cached=true" in last
+        if attempt == 0:
+            assert not cached
+            assert lines[:n] == [f"progress step={i}/{n}" for i in range(1, n + 1)]
+        _check_event_order([line.split()[0] for line in lines], cached)
+
+
+def test_generate_rejects_an_empty_prompt(has_generate: None, cli: Runner) -> None:
+    result = cli("generate", "")
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT" in result.stderr
 
 
 def test_stream_rejects_an_unsupported_wav_encoding(cli: Runner, tmp_path: Path) -> None:

@@ -3,6 +3,8 @@
 //   grym-cpp [--target HOST:PORT] [--timeout S] [--json] health
 //   grym-cpp [...] analyze WAV [--features]
 //   grym-cpp [...] stream WAV [--chunk-frames N]     (StreamAnalyze: one line per window, then the final one)
+//   grym-cpp [...] generate PROMPT [--seconds S] [--steps N] [--seed N] [--out FILE.wav]
+//                                                    (Generate: progress per step, audio chunks, then the result)
 //
 // --json prints one JSON object per line (per event for streams) for scripts and tests. Exit status: 0 ok,
 // 1 RPC failed, 2 usage error, 3 health not SERVING. It exists to prove the API is usable from C++ with the
@@ -12,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <iostream>
 #include <memory>
 #include <sstream>
@@ -40,6 +43,8 @@ const char kUsage[] =
     "  health                          grpc.health.v1 Check of the whole server; prints the status (SERVING)\n"
     "  analyze WAV [--features]        AnalyzeAudio; prints frames and embedding length\n"
     "  stream WAV [--chunk-frames N]   StreamAnalyze; prints each window's result in order, then the final one\n"
+    "  generate PROMPT [--seconds S] [--steps N] [--seed N] [--out FILE.wav]\n"
+    "                                  Generate; prints each progress event, audio chunk and the result in order\n"
     "environment: GRYM_TARGET (default 127.0.0.1:50051)\n";
 
 struct UsageError : std::runtime_error {
@@ -66,6 +71,11 @@ struct Options {
   bool json = false;
   bool features = false;
   int chunk_frames = 8000;
+  double seconds = 0;
+  int steps = 0;
+  bool has_seed = false;
+  long long seed = 0;
+  std::string out;
   std::string command;
   std::vector<std::string> args;
 };
@@ -91,6 +101,18 @@ Options ParseArgs(int argc, char** argv) {
       o.features = true;
     } else if (a == "--chunk-frames") {
       o.chunk_frames = std::atoi(value().c_str());
+    } else if (a == "--seconds") {
+      o.seconds = std::atof(value().c_str());
+    } else if (a == "--steps") {
+      o.steps = std::atoi(value().c_str());
+    } else if (a == "--seed") {
+      const std::string v = value();
+      char* end = nullptr;
+      o.seed = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0') throw UsageError("--seed must be an integer");
+      o.has_seed = true;
+    } else if (a == "--out") {
+      o.out = value();
     } else if (a == "-h" || a == "--help") {
       throw UsageError("");
     } else if (a.rfind("--", 0) == 0) {
@@ -101,6 +123,7 @@ Options ParseArgs(int argc, char** argv) {
   }
   if (!(o.timeout_s > 0)) throw UsageError("--timeout must be > 0");
   if (o.chunk_frames <= 0) throw UsageError("--chunk-frames must be > 0");
+  if (o.seconds < 0 || o.steps < 0) throw UsageError("--seconds and --steps must be >= 0");
   if (positional.empty()) throw UsageError("missing command");
   o.command = positional[0];
   o.args.assign(positional.begin() + 1, positional.end());
@@ -238,7 +261,80 @@ class Client {
     return kExitOk;
   }
 
+  // Server-streaming Generate: prints every event as it arrives; the WAV chunks are concatenated into --out.
+  int Generate() {
+    if (opts_.args.size() != 1) throw UsageError("generate needs exactly one PROMPT");
+    grym::v1::GenerateRequest req;
+    req.set_prompt(opts_.args[0]);
+    req.set_duration_seconds(opts_.seconds);
+    req.set_steps(opts_.steps);
+    if (opts_.has_seed) req.set_seed(opts_.seed);
+    grpc::ClientContext ctx;
+    SetDeadline(ctx);
+    auto reader = orchestrator_->Generate(&ctx, req);
+    std::string wav;
+    grym::v1::GenerateResponse ev;
+    while (reader->Read(&ev)) {
+      if (ev.has_audio()) wav += ev.audio().wav_data();
+      PrintGenerateEvent(ev);
+    }
+    const grpc::Status s = reader->Finish();
+    if (!s.ok()) throw RpcError(s);
+    if (!opts_.out.empty()) {
+      std::ofstream f(opts_.out, std::ios::binary);
+      f.write(wav.data(), static_cast<std::streamsize>(wav.size()));
+      if (!f) throw std::runtime_error("cannot write " + opts_.out);
+    }
+    return kExitOk;
+  }
+
  private:
+  void PrintGenerateEvent(const grym::v1::GenerateResponse& ev) const {
+    const std::string rid = JsonString(ev.request_id());
+    switch (ev.event_case()) {
+      case grym::v1::GenerateResponse::kProgress:
+        if (opts_.json) {
+          std::cout << "{\"event\":\"progress\",\"request_id\":" << rid << ",\"step\":" << ev.progress().step()
+                    << ",\"total_steps\":" << ev.progress().total_steps() << "}" << std::endl;
+        } else {
+          std::cout << "progress step=" << ev.progress().step() << "/" << ev.progress().total_steps() << std::endl;
+        }
+        break;
+      case grym::v1::GenerateResponse::kAudio: {
+        const auto& a = ev.audio();
+        if (opts_.json) {
+          std::cout << "{\"event\":\"audio\",\"request_id\":" << rid << ",\"chunk_index\":" << a.chunk_index()
+                    << ",\"bytes\":" << a.wav_data().size() << ",\"last\":" << (a.last() ? "true" : "false")
+                    << ",\"sample_rate_hz\":" << a.sample_rate_hz() << "}" << std::endl;
+        } else {
+          std::cout << "audio    chunk=" << a.chunk_index() << " bytes=" << a.wav_data().size()
+                    << " last=" << (a.last() ? "true" : "false") << std::endl;
+        }
+        break;
+      }
+      case grym::v1::GenerateResponse::kResult: {
+        const auto& r = ev.result();
+        if (opts_.json) {
+          std::cout << "{\"event\":\"result\",\"request_id\":" << rid << ",\"seed\":\"" << r.seed() << "\""
+                    << ",\"duration_seconds\":" << Num(r.duration_seconds())
+                    << ",\"sample_rate_hz\":" << r.sample_rate_hz() << ",\"frames\":" << r.frames()
+                    << ",\"embedding_len\":" << r.embedding_size() << ",\"embedding\":" << JsonFloats(r.embedding())
+                    << ",\"pattern_id\":" << JsonString(r.pattern_id())
+                    << ",\"cached\":" << (r.cached() ? "true" : "false") << "}" << std::endl;
+        } else {
+          std::cout << "result   seed=" << r.seed() << " duration_s=" << Fixed3(r.duration_seconds())
+                    << " sample_rate_hz=" << r.sample_rate_hz() << " frames=" << r.frames()
+                    << " embedding_len=" << r.embedding_size() << " cached=" << (r.cached() ? "true" : "false");
+          if (!r.pattern_id().empty()) std::cout << " pattern_id=" << r.pattern_id();
+          std::cout << std::endl;
+        }
+        break;
+      }
+      case grym::v1::GenerateResponse::EVENT_NOT_SET:
+        throw std::runtime_error("Generate event without a payload");
+    }
+  }
+
   void SetDeadline(grpc::ClientContext& ctx) const {
     ctx.set_deadline(std::chrono::system_clock::now() +
                      std::chrono::milliseconds(static_cast<long long>(opts_.timeout_s * 1000)));
@@ -273,6 +369,7 @@ int main(int argc, char** argv) {
     if (opts.command == "health") return client.CheckHealth();
     if (opts.command == "analyze") return client.Analyze();
     if (opts.command == "stream") return client.Stream();
+    if (opts.command == "generate") return client.Generate();
     throw UsageError("unknown command " + opts.command);
   } catch (const UsageError& e) {
     if (*e.what()) std::cerr << "error: " << e.what() << "\n";

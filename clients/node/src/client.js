@@ -115,6 +115,15 @@ class GrymClient {
     for await (const response of call) yield response;
   }
 
+  /**
+   * Server-streaming Generate: yields every event (progress per denoising step, WAV chunks, the result) in
+   * arrival order. `request` uses the proto's field names (prompt, duration_seconds, steps, seed, ...).
+   */
+  async *generate(request) {
+    const call = this.orchestrator.Generate(request, { deadline: this.deadline() });
+    for await (const event of call) yield event;
+  }
+
   close() {
     this.orchestrator.close();
   }
