@@ -34,6 +34,10 @@ APT_PACKAGES=(
   protobuf-compiler protobuf-compiler-grpc libprotobuf-dev libgrpc++-dev
   # runtime library of the perf_analyzer binary that tritonclient's wheel ships (docs/perf_analyzer.md)
   libb64-0d
+  # the workflow store's shared-database backend is tested against a real server the tests start
+  postgresql
+  # TLS tests make their certificates with the openssl CLI
+  openssl
 )
 
 missing_apt_packages() {

@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from server.export.repository import ALL_MODELS, EXPORTERS
+from server.export.repository import ALL_MODELS, EXPORTERS, SHARED_MODEL_PY
 
 REPO = Path(__file__).resolve().parent.parent / "model_repository"
 CONFIGS = sorted(REPO.glob("*/config.pbtxt")) + sorted(REPO.glob("*/configs/*.pbtxt"))
@@ -25,13 +25,16 @@ def test_config_parses_and_names_its_folder(path: Path) -> None:
     assert config.name == folder.name
     assert config.input and config.output
     if config.backend == "python":
-        assert (folder / "1" / "model.py").exists(), "python-backend model without 1/model.py"
+        shared = SHARED_MODEL_PY.get(folder.name)
+        model_py = REPO / "_shared" / shared if shared else folder / "1" / "model.py"
+        assert model_py.exists(), "python-backend model without a model.py"
     if config.max_batch_size > 0 and folder.name != "coordinator":
         assert config.HasField("dynamic_batching") or config.model_transaction_policy.decoupled
 
 
 def test_every_served_model_has_a_template_and_streaming_models_are_decoupled() -> None:
     assert set(ALL_MODELS) == {p.parent.name for p in REPO.glob("*/config.pbtxt")}
+    assert set(SHARED_MODEL_PY) <= set(ALL_MODELS)
     for name in ("audioldm", "coordinator"):
         assert parse(REPO / name / "config.pbtxt").model_transaction_policy.decoupled, name
     assert set(EXPORTERS) <= set(ALL_MODELS)

@@ -47,6 +47,13 @@ DEFAULT_MODELS: tuple[str, ...] = ALL_MODELS
 
 Exporter = Callable[[str, Path, Path | None, int], dict[str, Any]]
 
+# Models whose python-backend model.py is the one generic ONNX Runtime runner (tensor names come from each
+# config): a single source in model_repository/_shared/, placed into each version folder when materialising.
+SHARED_MODEL_PY = {
+    "clap_text_encoder": "onnx_runtime_model.py", "unet": "onnx_runtime_model.py",
+    "vae_decoder": "onnx_runtime_model.py", "vocoder": "onnx_runtime_model.py",
+}
+
 
 def _load_exporter(spec: str) -> Exporter:
     module, _, func = spec.partition(":")
@@ -109,8 +116,11 @@ def _copy_template(name: str, out_dir: Path) -> Path:
     dst = out_dir / name
     if dst.exists():
         shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx_data", "checkpoint"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx_data", "checkpoint",
+                                                           ".gitkeep"))
     (dst / "1").mkdir(exist_ok=True)
+    if name in SHARED_MODEL_PY:
+        shutil.copyfile(TEMPLATE_DIR / "_shared" / SHARED_MODEL_PY[name], dst / "1" / "model.py")
     return dst
 
 

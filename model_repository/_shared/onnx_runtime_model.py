@@ -1,7 +1,8 @@
 """Triton python-backend model: one AudioLDM component (ONNX) on onnxruntime, batched across requests.
 
-The same file serves ``clap_text_encoder``, ``unet``, ``vae_decoder`` and ``vocoder`` (each folder carries a copy;
-templates are copied per model and python-backend models may import nothing project-specific). Everything
+The same file serves ``clap_text_encoder``, ``unet``, ``vae_decoder`` and ``vocoder``: it is kept once, here, and
+server/export/repository.py places it as ``1/model.py`` of each of them when it materialises a repository
+(python-backend models may import nothing project-specific, so it cannot be a shared import). Everything
 model-specific comes from the model configuration: input/output names and dtypes, and the ONNX file
 ``<model_repository>/<version>/model.onnx`` written by server/export/audioldm.py.
 
