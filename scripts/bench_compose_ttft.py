@@ -39,37 +39,45 @@ def pct(xs: list[float], q: float) -> float:
     return round(float(np.percentile(xs, q)) * 1000, 2) if xs else float("nan")
 
 
-async def via_orchestrator(client: AsyncClient, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
-    t0 = time.perf_counter()
+async def timed(tokens, t0: float) -> tuple[float, list[float], int]:  # type: ignore[no-untyped-def]
+    """Time to the first item of ``tokens`` (from ``t0``), the gaps between items, and their count."""
     first, last, gaps, n = None, None, [], 0
-    stream = client.compose(REQUEST, max_tokens=max_tokens, seed=seed)
-    async for event in stream:
-        if event.WhichOneof("event") != "token":
-            break  # the plan: every token has arrived
+    async for _ in tokens:
         now = time.perf_counter()
         if first is None:
             first = now - t0
         elif last is not None:
             gaps.append(now - last)
         last, n = now, n + 1
-    await stream.aclose()
     return first or float("nan"), gaps, n
+
+
+async def via_orchestrator(client: AsyncClient, max_tokens: int, seed: int) -> tuple[float, list[float], int]:
+    t0 = time.perf_counter()
+    stream = client.compose(REQUEST, max_tokens=max_tokens, seed=seed)
+
+    async def tokens():  # type: ignore[no-untyped-def]
+        async for event in stream:
+            if event.WhichOneof("event") != "token":
+                return  # the plan: every token has arrived
+            yield event
+
+    try:
+        return await timed(tokens(), t0)
+    finally:
+        await stream.aclose()
 
 
 async def direct(backend: TritonCoordinatorBackend, prompt: str, max_tokens: int,
                  seed: int) -> tuple[float, list[float], int]:
     t0 = time.perf_counter()
-    first, last, gaps, n = None, None, [], 0
-    async for event in backend.stream(prompt, max_tokens=max_tokens, temperature=0.6, top_p=0.95, seed=seed):
-        if not event.text:
-            continue
-        now = time.perf_counter()
-        if first is None:
-            first = now - t0
-        elif last is not None:
-            gaps.append(now - last)
-        last, n = now, n + 1
-    return first or float("nan"), gaps, n
+
+    async def tokens():  # type: ignore[no-untyped-def]
+        async for event in backend.stream(prompt, max_tokens=max_tokens, temperature=0.6, top_p=0.95, seed=seed):
+            if event.text:
+                yield event
+
+    return await timed(tokens(), t0)
 
 
 async def run(orch: OrchestratorProcess, triton: EmbeddedTriton, runs: int, max_tokens: int, patterns: int) -> dict:
