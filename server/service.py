@@ -93,7 +93,6 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
     # --- the one error/metrics/admission scope --------------------------------------------------------------------
     @contextlib.asynccontextmanager
     async def rpc_scope(self, method: str, context: grpc.aio.ServicerContext, given_id: str,
-                        needs_ready: bool = True,
                         requests: AsyncIterator[object] | None = None) -> AsyncIterator[Scope]:
         scope = Scope(method)
         started = time.perf_counter()
@@ -101,8 +100,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
         try:
             scope.request_id = _request_id(given_id)
             request_id_var.set(scope.request_id)
-            if needs_ready:
-                self.gate.check()
+            self.gate.check()
             with self.admission.admit(method):
                 yield scope
         except GrymError as exc:
@@ -114,7 +112,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
         except grpc.aio.AbortError:
             raise
         except BaseException as exc:
-            if isinstance(exc, asyncio.CancelledError):
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client went away
                 scope.code = grpc.StatusCode.CANCELLED
                 raise
             scope.code = grpc.StatusCode.INTERNAL
