@@ -51,22 +51,52 @@ async def served(target: str, concurrency: int, n: int, steps: int, seconds: flo
                 assert events[-1].WhichOneof("event") == "result" and not events[-1].result.cached
                 latencies.append(time.perf_counter() - t0)
 
-        # warm-up: one generation (first-call allocations in ORT and the python stubs)
-        [e async for e in c.generate(PROMPT, seconds=seconds, steps=steps, seed=seed0 - 1)]
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return stats(latencies, time.perf_counter() - start)
 
 
-async def unet_batching(url: str) -> tuple[int, int]:
+async def warm_up(target: str, steps: int, seconds: float, seed: int) -> None:
+    """One generation outside the measurement (first-call allocations in ORT and the python stubs)."""
+    async with AsyncClient(target, timeout_s=3600) as c:
+        [e async for e in c.generate(PROMPT, seconds=seconds, steps=steps, seed=seed)]
+
+
+async def triton_stats(url: str) -> dict[str, dict[str, int]]:
+    """Cumulative Triton statistics per model: inferences, executions, and queue / compute nanoseconds."""
     import tritonclient.grpc.aio as ta
 
     c = ta.InferenceServerClient(url)
     try:
-        s = (await c.get_inference_statistics("unet", as_json=True))["model_stats"][0]
-        return int(s.get("inference_count", 0)), int(s.get("execution_count", 0))
+        out = {}
+        for model in MODELS:
+            s = (await c.get_inference_statistics(model, as_json=True))["model_stats"][0]
+            stats_ = s.get("inference_stats", {})
+            out[model] = {
+                "inferences": int(s.get("inference_count", 0)), "executions": int(s.get("execution_count", 0)),
+                "queue_ns": int(stats_.get("queue", {}).get("ns", 0)),
+                "requests": int(stats_.get("success", {}).get("count", 0)),
+                "compute_ns": sum(int(stats_.get(k, {}).get("ns", 0))
+                                  for k in ("compute_input", "compute_infer", "compute_output")),
+            }
+        return out
     finally:
         await c.close()
+
+
+def stats_delta(before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
+    """Per model over one row: counts (inferences = batch rows), and per request the mean queue and compute time
+    (ms). Triton adds a batched execution's duration to each of its requests, so ``compute_ms_per_request`` is
+    the mean duration of the executions requests rode in. The decoupled ``audioldm`` model's execute() only
+    hands the request to a worker thread, so its compute is not the generation's time."""
+    out = {}
+    for model, a in after.items():
+        d = {k: a[k] - before[model][k] for k in a}
+        if d["requests"]:
+            out[model] = {"inferences": d["inferences"], "requests": d["requests"], "executions": d["executions"],
+                          "queue_ms_per_request": round(d["queue_ns"] / d["requests"] / 1e6, 2),
+                          "compute_ms_per_request": round(d["compute_ns"] / d["requests"] / 1e6, 2)}
+    return out
 
 
 def diffusers_sequential(profile: str, weights: Path | None, seed: int, n: int, steps: int, seconds: float,
@@ -120,10 +150,12 @@ def main() -> int:
     try:
         orch.start(timeout_s=900)
         for c in args.concurrency:
-            before = asyncio.run(unet_batching(triton.grpc_url))
+            asyncio.run(warm_up(orch.target, args.steps, args.seconds, 1000 * c - 1))
+            before = asyncio.run(triton_stats(triton.grpc_url))
             res = asyncio.run(served(orch.target, c, args.generations, args.steps, args.seconds, 1000 * c))
-            after = asyncio.run(unet_batching(triton.grpc_url))
-            res["unet_inferences"], res["unet_executions"] = after[0] - before[0], after[1] - before[1]
+            res["triton"] = stats_delta(before, asyncio.run(triton_stats(triton.grpc_url)))
+            res["unet_inferences"] = res["triton"]["unet"]["inferences"]
+            res["unet_executions"] = res["triton"]["unet"]["executions"]
             rows[f"served, concurrency {c}"] = res
             print(json.dumps({f"served c={c}": res}), flush=True)
     finally:
@@ -141,6 +173,12 @@ def main() -> int:
         batching = f"{r['unet_executions']}/{r['unet_inferences']}" if "unet_inferences" in r else ""
         lines.append(f"| {name} | {r['per_minute']:.2f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} | "
                      f"{r['per_minute'] / base['per_minute']:.2f}x | {batching} |")
+    lines += ["", "Triton statistics per model (per request: the batched execution's duration, queue wait)", "",
+              "| row | model | requests | executions | queue ms | compute ms |", "|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        for model, m in r.get("triton", {}).items():
+            lines.append(f"| {name} | {model} | {m['requests']} | {m['executions']} | "
+                         f"{m['queue_ms_per_request']} | {m['compute_ms_per_request']} |")
     md = header + "\n\n" + "\n".join(lines) + "\n"
     print("\n" + md)
     args.out.mkdir(parents=True, exist_ok=True)

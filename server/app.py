@@ -2,7 +2,8 @@
 
 Start order: metrics and the gRPC server come up first with health NOT_SERVING (so a Kubernetes startup probe
 can watch), then the model repository is built if missing, the embedded Triton is started (or an external one is
-waited for), the pattern store is opened, and health flips to SERVING. Stop order is the reverse, after a drain:
+waited for), the pattern store is opened (and its recall index starts loading in the background: text recall
+queries Milvus until it is ready), and health flips to SERVING. Stop order is the reverse, after a drain:
 health NOT_SERVING, new RPCs refused, in-flight RPCs given ``grace_period_s`` to finish.
 """
 
@@ -35,6 +36,7 @@ from server.patterns import PatternStore
 from server.cache import LruCache
 from server.pattern_learning import FeedbackStore
 from server.plans import RuleBasedPlanner
+from server.recall_index import RecallIndex
 from server.resilience import AdmissionControl, AsyncBreaker, MemoryBudget, RetryPolicy
 from server.workflow_store import open_workflow_store
 from server.security import BearerTokenInterceptor, server_credentials
@@ -69,6 +71,8 @@ class App:
         self.workflows: Any = None
         self.feedback: Any = None
         self._stats_task: asyncio.Task[None] | None = None
+        self.recall_index = RecallIndex()
+        self._recall_index_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
 
     # --- start --------------------------------------------------------------------------------------------------
@@ -85,6 +89,7 @@ class App:
         self.triton_process = EmbeddedTriton(
             s.repository_dir, s.data_dir / "logs" / "tritonserver.log", config_name=s.triton_model_config_name,
             startup_timeout_s=s.triton_startup_timeout_s, ports=(free_port(), free_port(), free_port()),
+            rate_limit=s.triton_rate_limit,
         )
         return self.triton_process.grpc_url
 
@@ -116,6 +121,8 @@ class App:
         assert self.store is not None
         self.store.dim = await self._probe_embedding_dim()
         await asyncio.to_thread(self.store.open)
+        self._recall_index_task = asyncio.create_task(
+            self.recall_index.keep_in_sync(self.store, s.recall_index_refresh_s), name="recall-index")
         interrupted = await self.workflows.mark_interrupted_on_startup()
         if interrupted:
             log.warning("workflows left unfinished by a previous run are now INTERRUPTED: %s", interrupted)
@@ -162,7 +169,8 @@ class App:
                                   collection_prefix=s.collection_prefix, token=s.milvus_token,
                                   breaker=AsyncBreaker("milvus", fail_max=s.breaker_fail_max,
                                                        reset_timeout_s=s.breaker_reset_s,
-                                                       exclude=[InvalidArgument, NotFound], metrics=self.metrics))
+                                                       exclude=[InvalidArgument, NotFound], metrics=self.metrics),
+                                  recall_index=self.recall_index)
         budget = MemoryBudget(s.max_inflight_audio_bytes, self.metrics)
         self.cache = LruCache("analysis", max_entries=s.cache_max_entries, max_bytes=s.cache_max_bytes,
                               metrics=self.metrics)
@@ -275,6 +283,8 @@ class App:
             await self.health.stop()
         if self._stats_task:
             self._stats_task.cancel()
+        if self._recall_index_task:
+            self._recall_index_task.cancel()
         if self.triton:
             await self.triton.close()
         if self.store:

@@ -1,7 +1,9 @@
 """Compose: the coordinator reads a musical request, plans, and the plan runs as a workflow.
 
 Order of a Compose call (the seed design's "Model Orchestrator"):
-  1. recall stored patterns relevant to the request (keyword + rating ranked) as context;
+  1. recall stored patterns relevant to the request (keyword + rating ranked) as context. This runs before the
+     first token, so it reads the in-memory recall index (server/recall_index.py), not Milvus (only until the
+     index has loaded at start-up); its one I/O is the ratings lookup of the matches (SQLite/PostgreSQL);
   2. stream the coordinator LLM's tokens (thinking vs answer) through its circuit breaker;
   3. take its JSON plan when it validates, else the rule-based plan with the reason (garbage, stall, outage);
   4. run the plan as a DAG on the real executors (AudioLDM on Triton, Wav2Vec2 on Triton, Milvus) with the

@@ -19,6 +19,7 @@ migration component.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -31,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import InvalidArgument
-from server.patterns import PatternRecord, PatternStore, tag_filter_expr
+from server.patterns import PatternRecord, PatternStore, tag_filter_expr, validate_tags
 from server.plans import FILLER
 from server.workflow_store import Database, Migration, now_us, truncate
 
@@ -210,21 +211,42 @@ async def recall_for_request(store: PatternStore, feedback: FeedbackStore | None
                              *, tag_filter: Mapping[str, str] | None = None,
                              candidates: int = RECALL_CANDIDATES) -> list[PatternRecord]:
     """Stored patterns relevant to a text request (no audio to search with): keyword match against prompts and
-    descriptive tags in Milvus, scored by the fraction of words matched, re-ranked by rating. The records'
-    ``score`` is the combined score."""
+    descriptive tags, scored by the fraction of words matched, re-ranked by rating. The records' ``score`` is the
+    combined score.
+
+    The matching runs on the store's in-memory :class:`~server.recall_index.RecallIndex` once it is loaded (no
+    I/O: Compose runs this before the coordinator's first token), else as a Milvus query
+    (:func:`query_candidates`); both find the same patterns (see server/recall_index.py for the one, documented,
+    difference in case handling)."""
     if not 1 <= top_k <= 100:
         raise InvalidArgument(f"top_k must be 1..100, got {top_k}")
     words = keywords(request_text)
     if not words:
         return []
-    expr = f"({keyword_filter(words)})"
     if tag_filter:
-        expr += f" and {tag_filter_expr(tag_filter)}"
-    found = await store.query(expr, limit=candidates)
+        validate_tags(tag_filter, "tag_filter")
+    index = store.recall_index
+    from_index = index is not None and index.ready
+    if from_index:
+        found = index.candidates(words, tag_filter, limit=candidates)
+    else:
+        found = await query_candidates(store, words, tag_filter, limit=candidates)
     scored = [dataclasses.replace(r, score=keyword_similarity(r, words)) for r in found]
     scored = [r for r in scored if r.score]
     ratings = await feedback.ratings([r.id for r in scored]) if feedback and scored else {}
-    return [r.as_record() for r in rank_recalled(scored, ratings)[:top_k]]
+    recalled = [r.as_record() for r in rank_recalled(scored, ratings)[:top_k]]
+    if from_index:  # the index's records share their dicts with it: hand out copies
+        recalled = [dataclasses.replace(r, tags=dict(r.tags), metadata=dict(r.metadata)) for r in recalled]
+    return recalled
+
+
+async def query_candidates(store: PatternStore, words: Sequence[str], tag_filter: Mapping[str, str] | None = None,
+                           *, limit: int = RECALL_CANDIDATES) -> list[PatternRecord]:
+    """Recall's matching as a Milvus query (``like`` filters): used until the recall index is loaded."""
+    expr = f"({keyword_filter(words)})"
+    if tag_filter:
+        expr += f" and {tag_filter_expr(tag_filter)}"
+    return await store.query(expr, limit=limit)
 
 
 # --- clustering -----------------------------------------------------------------------------------------------------
@@ -262,12 +284,19 @@ async def detect_clusters(store: PatternStore, k: int | None = None, *, feedback
     records = await fetch_embeddings(store)
     if not records:
         return []
-    x = normalise(np.asarray([r.embedding for r in records], dtype=np.float64))
     if k is not None and not 1 <= k <= len(records):
         raise InvalidArgument(f"k must be 1..{len(records)} (the number of stored patterns), got {k}")
+    ratings = await feedback.ratings([r.id for r in records]) if feedback else {}
+    # Tens of ms of numpy and text work per thousand patterns: in a worker thread, so that the event loop (and the
+    # Compose call whose cluster context triggered this refresh) keeps streaming meanwhile.
+    return await asyncio.to_thread(_cluster, records, k, max_k, ratings)
+
+
+def _cluster(records: Sequence[PatternRecord], k: int | None, max_k: int,
+             ratings: Mapping[str, RatingSummary]) -> list[Cluster]:
+    x = normalise(np.asarray([r.embedding for r in records], dtype=np.float64))
     k = k or choose_k(x, max_k)
     labels, centroids = spherical_kmeans(x, k)
-    ratings = await feedback.ratings([r.id for r in records]) if feedback else {}
     clusters = [_describe_cluster(c, [records[i] for i in np.flatnonzero(labels == c)], x[labels == c],
                                   centroids[c], ratings) for c in range(k) if np.any(labels == c)]
     clusters.sort(key=lambda c: (-c.size, c.label, c.member_ids[0]))

@@ -6,6 +6,10 @@ different dimensions, so mixing them would make similarity meaningless. The same
 
 pymilvus is synchronous; every call runs in a worker thread so the event loop keeps serving. Searches ask only
 for the scalar fields they return: fetching vectors made a milvus-lite search ~60x slower.
+
+A store may own a :class:`~server.recall_index.RecallIndex` (the orchestrator's does): text recall then reads
+memory instead of Milvus, and the store keeps it current by telling it about every insert and delete once Milvus
+has accepted it. The store is the one place that writes patterns, so this is the one place that can.
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from server.errors import InvalidArgument, NotFound, Unavailable
 from server.resilience import AsyncBreaker
+
+if TYPE_CHECKING:
+    from server.recall_index import RecallIndex
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +119,8 @@ class PatternStore:
     """CRUD and similarity search over stored patterns."""
 
     def __init__(self, uri: str, *, dim: int, model: str, profile: str, collection_prefix: str = "grym_patterns",
-                 token: str | None = None, breaker: AsyncBreaker | None = None) -> None:
+                 token: str | None = None, breaker: AsyncBreaker | None = None,
+                 recall_index: RecallIndex | None = None) -> None:
         self.uri = uri
         self.token = token
         self.dim = dim
@@ -124,6 +132,9 @@ class PatternStore:
         self.ready = False
         # Trips on Milvus failures (not on bad requests), so an outage answers UNAVAILABLE at once.
         self.breaker = breaker or AsyncBreaker("milvus", exclude=[InvalidArgument, NotFound])
+        # Text recall's in-memory view of this store (None: recall queries Milvus); loaded and reconciled by
+        # RecallIndex.keep_in_sync, told about this store's writes below.
+        self.recall_index = recall_index
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     def open(self) -> None:
@@ -227,6 +238,8 @@ class PatternStore:
         row = {**{k: getattr(record, k) for k in ("id", "model", "profile", "duration_s", "tags", "created_at_us",
                                                    "source", "metadata")}, "embedding": vector}
         await self._run(lambda: self._client.insert(self.collection, [row]))
+        if self.recall_index is not None:
+            self.recall_index.add(record)
         return record
 
     async def get(self, pattern_id: str, *, include_embedding: bool = False) -> PatternRecord:
@@ -245,6 +258,8 @@ class PatternStore:
 
         if not await self._run(op):
             raise NotFound(f"pattern {pattern_id!r} does not exist")
+        if self.recall_index is not None:
+            self.recall_index.remove(pattern_id)
 
     async def search(self, vector: Sequence[float], *, top_k: int, tag_filter: Mapping[str, str] | None = None,
                      exclude_id: str | None = None, include_embedding: bool = False) -> list[PatternRecord]:
@@ -270,8 +285,8 @@ class PatternStore:
         if not ids:
             return []
         fields = SCALAR_FIELDS + (["embedding"] if include_embedding else [])
-        rows = await self._run(lambda: self._client.get(self.collection, ids=list(ids), output_fields=fields))
-        return [PatternRecord.from_row(r) for r in rows]
+        return await self._run(lambda: _records(self._client.get(self.collection, ids=list(ids),
+                                                                 output_fields=fields)))
 
     async def list(self, *, page_size: int, page_token: str = "",
                    tag_filter: Mapping[str, str] | None = None) -> tuple[list[PatternRecord], str]:
@@ -290,8 +305,10 @@ class PatternStore:
         return page, (_encode_page_token(next_offset, expr) if next_offset < len(keys) else "")
 
     def _all_keys(self, expr: str) -> list[dict[str, Any]]:
-        it = self._client.query_iterator(self.collection, batch_size=4096, filter=expr,
-                                         output_fields=["id", "created_at_us"])
+        return self._iterate(expr, ["id", "created_at_us"])
+
+    def _iterate(self, expr: str, fields: list[str]) -> list[dict[str, Any]]:
+        it = self._client.query_iterator(self.collection, batch_size=4096, filter=expr, output_fields=fields)
         out: list[dict[str, Any]] = []
         try:
             while batch := it.next():
@@ -303,9 +320,12 @@ class PatternStore:
     async def query(self, expr: str, *, limit: int, include_embedding: bool = False) -> list[PatternRecord]:
         """Patterns matching a Milvus boolean expression (scalar fields; vectors only when asked)."""
         fields = SCALAR_FIELDS + (["embedding"] if include_embedding else [])
-        rows = await self._run(lambda: self._client.query(self.collection, filter=expr, output_fields=fields,
-                                                          limit=limit))
-        return [PatternRecord.from_row(r) for r in rows]
+        return await self._run(lambda: _records(self._client.query(self.collection, filter=expr,
+                                                                   output_fields=fields, limit=limit)))
+
+    async def all_records(self) -> list[PatternRecord]:
+        """Every stored pattern's scalar fields, never the vectors (the recall index's full load)."""
+        return await self._run(lambda: _records(self._iterate("", SCALAR_FIELDS)))
 
     async def keys(self) -> list[tuple[str, int]]:
         """(id, created_at_us) of every stored pattern: cheap, scalar only."""
@@ -320,6 +340,12 @@ class PatternStore:
 
     async def all_ids(self) -> list[str]:
         return [str(r["id"]) for r in await self._run(lambda: self._all_keys(""))]
+
+
+def _records(rows: Sequence[Mapping[str, Any]]) -> list[PatternRecord]:
+    """Rows to records, called in the worker thread: converting thousands of vectors' floats is milliseconds that
+    the event loop should not spend."""
+    return [PatternRecord.from_row(r) for r in rows]
 
 
 def _is_connection_error(exc: Exception) -> bool:

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
         None, description="Triton --model-config-name for the embedded server (e.g. onnxruntime in NVIDIA containers)."
     )
     triton_startup_timeout_s: float = Field(180.0, gt=0, description="How long to wait for Triton's models.")
+    triton_rate_limit: bool = Field(
+        True, description="Embedded Triton: run one CPU component model at a time (--rate-limit=execution_count) "
+                          "instead of letting several split the cores."
+    )
     triton_channels: int = Field(2, ge=1, le=64, description="gRPC channels pooled to Triton.")
     triton_timeout_s: float = Field(30.0, gt=0, description="Default deadline of one Triton call.")
 
@@ -72,6 +76,10 @@ class Settings(BaseSettings):
     milvus_uri: str | None = Field(None, description="Milvus server URI; unset: milvus-lite file under data_dir.")
     milvus_token: str | None = Field(None, description="Milvus auth token (user:password) for a server.")
     collection_prefix: str = Field("grym_patterns", description="Milvus collection name prefix.")
+    recall_index_refresh_s: float = Field(
+        30.0, ge=0, description="Seconds between syncs of the in-memory recall index with Milvus, to pick up other "
+                                "replicas' writes (0: never, for a single replica: it sees its own writes)."
+    )
 
     # --- limits -------------------------------------------------------------------------------------------------
     max_audio_seconds: float = Field(60.0, gt=0, description="Longest audio accepted by AnalyzeAudio.")

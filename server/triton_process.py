@@ -25,6 +25,9 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# The rate-limiter resource every CPU component model declares (model_repository/*/config.pbtxt).
+CPU_RESOURCE = "cpu"
+
 
 class TritonStartError(RuntimeError):
     """Triton did not come up (binary missing, model failed to load, timeout); the message quotes its log."""
@@ -89,6 +92,7 @@ class EmbeddedTriton:
         config_name: str | None = None,
         startup_timeout_s: float = 180.0,
         extra_args: Sequence[str] = (),
+        rate_limit: bool = True,
         host: str = "127.0.0.1",
         ports: tuple[int, int, int] | None = None,
     ) -> None:
@@ -97,6 +101,7 @@ class EmbeddedTriton:
         self.config_name = config_name
         self.startup_timeout_s = startup_timeout_s
         self.extra_args = tuple(extra_args)
+        self.rate_limit = rate_limit
         self.host = host
         self._ports = ports
         self._proc: subprocess.Popen[bytes] | None = None
@@ -154,6 +159,11 @@ class EmbeddedTriton:
         ]
         if self.config_name:
             cmd.append(f"--model-config-name={self.config_name}")
+        if self.rate_limit:
+            # The CPU components each declare the global "cpu" resource (their config.pbtxt): one executes at a
+            # time, on every core. Measured on 2 cores (AudioLDM-S, 4 concurrent generations) without it, the VAE
+            # and vocoder ran 4x slower than alone while sharing the cores with UNet batches.
+            cmd += ["--rate-limit=execution_count", f"--rate-limit-resource={CPU_RESOURCE}:1"]
         return cmd + list(self.extra_args)
 
     def _environment(self) -> dict[str, str]:

@@ -4,10 +4,11 @@ configs against the graphs, seeded determinism, the weights-directory path and t
 The parity tests compare onnxruntime with the *pipeline's own methods* (``_encode_prompt``, ``unet(...)``,
 ``decode_latents``, ``mel_spectrogram_to_waveform``) rather than with the export wrappers, so a wrapper that
 drifted from what diffusers does would fail here. Measured max |ORT - diffusers| (tiny, 2-core Xeon, ORT 1.32,
-torch 2.13): clap 1.2e-7, unet 1.5e-6, vae_decoder 3.3e-6, vocoder 1.2e-7 (outputs are O(0.1 .. 1)); bound 1e-4.
+torch 2.13): clap 1.2e-7, unet 1.5e-6, vae_decoder 3.0e-6, vocoder 1.2e-7 (outputs are O(0.1 .. 1)); bound 1e-4. The UNet
+and VAE graphs carry ORT's fused MultiHeadAttention, the reference runs diffusers' SDPA.
 
 The full (AudioLDM-S) profile is not exported here (~400M parameters, ~1.6 GB of ONNX, ~1 min on 2 cores); its
-self-verification measured clap 8.9e-8, unet 1.5e-6, vae_decoder 1.5e-5, vocoder 4.3e-11 (bound 1e-3).
+self-verification measured clap 8.9e-8, unet 1.5e-6, vae_decoder 1.6e-5, vocoder 4.3e-11 (bound 1e-3).
 """
 
 from __future__ import annotations
@@ -66,15 +67,19 @@ def test_clap_matches_pipeline_encode_prompt(exported, pipe):
 
 
 def test_clap_padding_length_does_not_change_embeddings(exported, pipe):
-    """The pipeline model pads every row to model_max_length; diffusers pads negative prompts to projection_dim."""
+    """diffusers pads prompts to model_max_length and negative prompts to projection_dim; the pipeline model pads
+    [negative, prompt] only to the longer row rounded up to a multiple of 32. All give the same embeddings."""
     root, _ = exported
     sess = session(root, "clap_text_encoder")
-    out = []
-    for length in (pipe.tokenizer.model_max_length, pipe.text_encoder.config.projection_dim):
-        enc = pipe.tokenizer(["low quality, noise"], padding="max_length", max_length=length, return_tensors="np")
-        out.append(sess.run(["text_embeds"], {"input_ids": enc["input_ids"].astype(np.int64),
-                                              "attention_mask": enc["attention_mask"].astype(np.int64)})[0])
-    assert maxdiff(*out) <= 1e-6
+    texts = ["", "low quality, noise"]
+    encodings = [pipe.tokenizer(texts, padding="max_length", max_length=length, return_tensors="np")
+                 for length in (pipe.tokenizer.model_max_length, pipe.text_encoder.config.projection_dim)]
+    encodings.append(pipe.tokenizer(texts, padding="longest", pad_to_multiple_of=32, return_tensors="np"))
+    assert encodings[-1]["input_ids"].shape[1] == 32 < encodings[0]["input_ids"].shape[1]
+    out = [sess.run(["text_embeds"], {"input_ids": enc["input_ids"].astype(np.int64),
+                                      "attention_mask": enc["attention_mask"].astype(np.int64)})[0]
+           for enc in encodings]
+    assert maxdiff(out[0], out[1]) <= 1e-6 and maxdiff(out[0], out[2]) <= 1e-6
 
 
 def test_clap_without_padding(exported, pipe):
@@ -173,6 +178,23 @@ def test_graphs_have_dynamic_batch_and_length(exported):
         for name, axes in inputs.items():
             for axis in axes:
                 assert dims[name][axis].dim_param, f"{model}.{name} axis {axis} is fixed"
+
+
+def test_attention_is_fused_and_the_components_stay_stock(exported):
+    """The UNet and VAE graphs hold one ORT MultiHeadAttention per diffusers Attention (no materialised softmax),
+    while the shared torch components keep diffusers' own processors for the reference pipeline."""
+    import onnx
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    root, _ = exported
+    c = audioldm.build_components("tiny", None, SEED)
+    for model, module in (("unet", c.unet), ("vae_decoder", c.vae.decoder)):
+        ops = [n.op_type for n in onnx.load(str(root / model / "1" / "model.onnx")).graph.node]
+        attentions = [m for m in module.modules() if type(m).__name__ == "Attention"]
+        assert attentions and ops.count("MultiHeadAttention") == len(attentions), model
+        assert "Softmax" not in ops, model
+    assert all(isinstance(p, AttnProcessor2_0) for p in c.unet.attn_processors.values())
+    assert all(isinstance(p, AttnProcessor2_0) for p in c.vae.attn_processors.values())
 
 
 # ---------------------------------------------------------------------------------------------- Triton configs

@@ -122,6 +122,23 @@ def test_recall_and_vary_carry_the_recalled_pattern(openai_orch, double: OpenAID
         assert events[-1].summary.state == pb.Workflow.STATE_SUCCEEDED
 
 
+def test_compose_recalls_a_pattern_stored_after_the_index_loaded(openai_orch, double: OpenAIDouble) -> None:
+    """Recall runs on the in-memory index: a pattern stored after the index's full load reaches it through the
+    store (no reload) and is given to the coordinator as context."""
+    deadline = time.monotonic() + 30
+    while "recall index loaded" not in openai_orch.log():
+        assert time.monotonic() < deadline, "the recall index did not load"
+        time.sleep(0.1)
+    double.mode = "garbage"
+    with Client(openai_orch.target) as c:
+        stored = c.analyze(tone(1.0, freq=523.0, seed=77), sample_rate_hz=16_000, store=True,
+                           tags={"mood": "zephyrine", "test": "recall-index"})
+        stream = c.compose("a zephyrine sketch, 1 second")
+        plan = next(e.plan for e in stream if e.WhichOneof("event") == PLAN)
+        stream.close()
+    assert stored.pattern_id in plan.recalled_pattern_ids
+
+
 @pytest.mark.parametrize("mode,reason", [("stall", "no token"), ("bad_plan", "schema violation")])
 def test_coordinator_stall_or_invalid_plan_falls_back(openai_orch, double: OpenAIDouble, mode: str,
                                                       reason: str) -> None:

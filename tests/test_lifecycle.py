@@ -116,3 +116,21 @@ def test_sigterm_stops_embedded_triton_without_orphans(tmp_path: Path) -> None:
     assert orch.stop(signal.SIGTERM) == 0
     assert wait_for(lambda: not any(alive(p) for p in descendants), 20), [p for p in descendants if alive(p)]
     assert "grym-synth stopped" in orch.log()
+
+
+def test_embedded_triton_rate_limits_the_cpu_components_by_default(tmp_path: Path) -> None:
+    """The CPU components share one "cpu" resource (their configs); the embedded server enforces it unless told
+    not to (``--no-triton-rate-limit``)."""
+    from server.export.repository import TEMPLATE_DIR
+    from server.triton_process import CPU_RESOURCE
+
+    on = EmbeddedTriton(tmp_path, tmp_path / "a.log").command()
+    off = EmbeddedTriton(tmp_path, tmp_path / "b.log", rate_limit=False).command()
+    assert "--rate-limit=execution_count" in on and f"--rate-limit-resource={CPU_RESOURCE}:1" in on
+    assert not any(arg.startswith("--rate-limit") for arg in off)
+    for model in ("wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder"):
+        config = (TEMPLATE_DIR / model / "config.pbtxt").read_text()
+        assert f'resources [ {{ name: "{CPU_RESOURCE}" global: true count: 1 }} ]' in config, model
+    # audioldm waits on the components (holding the resource would deadlock); the coordinator streams for seconds.
+    for decoupled in ("audioldm", "coordinator"):
+        assert "rate_limiter" not in (TEMPLATE_DIR / decoupled / "config.pbtxt").read_text()

@@ -49,3 +49,18 @@ def test_native_variants_keep_the_tensor_contract() -> None:
             continue  # the coordinator's vLLM variant speaks the vLLM backend's own tensors
         assert [(i.name, i.data_type) for i in other.input] == [(i.name, i.data_type) for i in base.input], variant
         assert [(o.name, o.data_type) for o in other.output] == [(o.name, o.data_type) for o in base.output], variant
+
+
+def test_a_built_repository_picks_up_template_changes_without_reexport(tmp_path: Path) -> None:
+    """An up-to-date repository gets the templates' configs and code again; generated files stay untouched."""
+    from server.export.repository import _copy_template, _refresh_template
+
+    built = _copy_template("unet", tmp_path)
+    (built / "1" / "model.onnx").write_bytes(b"generated")
+    (built / "config.pbtxt").write_text("stale")
+    (built / "1" / "model.py").write_text("stale")
+    assert _refresh_template("unet", tmp_path)
+    assert (built / "config.pbtxt").read_text() == (REPO / "unet" / "config.pbtxt").read_text()
+    assert (built / "1" / "model.py").read_text() == (REPO / "_shared" / SHARED_MODEL_PY["unet"]).read_text()
+    assert (built / "1" / "model.onnx").read_bytes() == b"generated"
+    assert not _refresh_template("unet", tmp_path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +132,11 @@ def test_concurrent_distinct_lengths_are_batched_and_exact(client) -> None:
 
     before = stats(client)
     results = burst(client, clips)
-    after = stats(client)
+    # Triton records a request's statistics when the backend releases it, which can be just after the client
+    # already holds the response: wait (briefly) until the burst is counted.
+    deadline = time.monotonic() + 5.0
+    while (after := stats(client)).inferences - before.inferences < len(clips) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
     for n, got, ref in zip(lengths, results, alone):
         assert not isinstance(got, Exception), f"{n} samples: {got}"
@@ -151,7 +156,11 @@ def test_concurrent_same_length_requests_are_batched(client) -> None:
 
     before = stats(client)
     results = burst(client, clips)
-    after = stats(client)
+    # Triton records a request's statistics when the backend releases it, which can be just after the client
+    # already holds the response: wait (briefly) until the burst is counted.
+    deadline = time.monotonic() + 5.0
+    while (after := stats(client)).inferences - before.inferences < len(clips) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
     for got, ref in zip(results, alone):
         assert not isinstance(got, Exception), got

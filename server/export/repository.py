@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 TEMPLATE_DIR = REPO_ROOT / "model_repository"
 MANIFEST = "manifest.json"
 # Bump when the export format changes so that stale repositories are rebuilt.
-FORMAT_VERSION = 1
+# 2: the UNet and VAE decoder graphs carry fused attention (com.microsoft.MultiHeadAttention).
+FORMAT_VERSION = 2
 
 # model folder -> "module:function" implementing export(profile, model_dir, weights, seed) -> dict
 EXPORTERS: dict[str, str] = {
@@ -124,6 +125,25 @@ def _copy_template(name: str, out_dir: Path) -> Path:
     return dst
 
 
+def _refresh_template(name: str, out_dir: Path) -> bool:
+    """Bring a built model folder's hand-written files (config.pbtxt, configs/, model.py) up to date with the
+    templates, leaving generated files alone: a config or pipeline-code change takes effect on the next start
+    without re-exporting weights. Returns whether anything changed."""
+    src, dst = TEMPLATE_DIR / name, out_dir / name
+    files = {f.relative_to(src): f for f in src.rglob("*")
+             if f.is_file() and "__pycache__" not in f.parts and f.name != ".gitkeep"}
+    if name in SHARED_MODEL_PY:
+        files[Path("1") / "model.py"] = TEMPLATE_DIR / "_shared" / SHARED_MODEL_PY[name]
+    changed = False
+    for rel, source in files.items():
+        target = dst / rel
+        if not target.exists() or target.read_bytes() != source.read_bytes():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+            changed = True
+    return changed
+
+
 def build_repository(
     profile: str,
     out_dir: Path,
@@ -140,7 +160,9 @@ def build_repository(
     out_dir = Path(out_dir)
     names = list(models or DEFAULT_MODELS)
     if not force and is_built(out_dir, profile, names, weights, seed):
-        log.info("model repository %s is up to date (profile=%s)", out_dir, profile)
+        refreshed = [name for name in names if _refresh_template(name, out_dir)]
+        log.info("model repository %s is up to date (profile=%s)%s", out_dir, profile,
+                 f"; refreshed configs/code of {refreshed}" if refreshed else "")
         return read_manifest(out_dir) or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST).unlink(missing_ok=True)  # a half-built repository must never look complete
