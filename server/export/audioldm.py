@@ -440,9 +440,9 @@ def _wrappers():
 # Traced as-is, diffusers' attention becomes MatMul -> Softmax -> MatMul with the full [B, heads, S, S] score matrix
 # materialised. AudioLDM attends over every latent position (tiny: 1,252 tokens per UNet attention, 5,000 in the
 # VAE's mid block for a 5 s clip), so those graphs spent 70-78% of their time there, and a batch of 8 cost 4.4x a
-# batch of 2 (the score matrices stop fitting in cache). ONNX Runtime's ``com.microsoft.MultiHeadAttention`` runs
-# the same computation blockwise (flash attention on CPU, fused kernels on CUDA); measured on the tiny UNet at batch
-# 2: 160 -> 103 ms per step, linear in batch. The op is an ONNX Runtime contrib op: the python-backend and native
+# batch of 2. ONNX Runtime's ``com.microsoft.MultiHeadAttention`` runs the same computation as one fused kernel
+# (CPU and CUDA); measured on the tiny UNet at batch 2: 160 -> 103 ms per step, and batch 8 costs 4x batch 2 again
+# (PyTorch's SDPA: 122 ms). The op is an ONNX Runtime contrib op: the python-backend and native
 # onnxruntime variants run it on every execution provider, and the TensorRT EP hands that node to CUDA.
 def _fused_attention_processor():
     import torch
