@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 from server.export.repository import ALL_MODELS, build_repository  # noqa: E402
+from server.pattern_learning import FeedbackStore, open_feedback_store  # noqa: E402
 from server.triton_process import EmbeddedTriton  # noqa: E402
 from support import OrchestratorProcess  # noqa: E402
 
@@ -73,3 +74,10 @@ def client(orchestrator: OrchestratorProcess) -> Iterator["object"]:
     with Client(orchestrator.target, timeout_s=60) as c:
         yield c
 
+
+@pytest.fixture
+def feedback(tmp_path: Path) -> Iterator[FeedbackStore]:
+    """A rating store in its own SQLite file (tests of pattern learning and recall)."""
+    store = open_feedback_store(f"sqlite://{tmp_path / 'workflows.db'}")
+    yield store
+    store.close()

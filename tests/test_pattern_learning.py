@@ -31,13 +31,6 @@ def patterns(tmp_path: Path) -> Iterator[PatternStore]:
     store.close()
 
 
-@pytest.fixture
-def feedback(tmp_path: Path) -> Iterator[FeedbackStore]:
-    store = open_feedback_store(f"sqlite://{tmp_path / 'workflows.db'}")
-    yield store
-    store.close()
-
-
 async def add_groups(patterns: PatternStore) -> dict[str, set[str]]:
     """Three well-separated directions with noise around each; returns group -> pattern ids."""
     rng = np.random.default_rng(7)

@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 
 from server.errors import InvalidArgument, Unavailable
-from server.pattern_learning import (DESCRIPTIVE_TAGS, FeedbackStore, keywords, open_feedback_store, query_candidates,
-                                     recall_for_request)
+from server.pattern_learning import DESCRIPTIVE_TAGS, FeedbackStore, keywords, query_candidates, recall_for_request
 from server.patterns import PatternRecord, PatternStore
 from server.recall_index import RecallIndex
 
@@ -81,13 +80,6 @@ def db_path(tmp_path: Path) -> str:
 def patterns(db_path: str) -> Iterator[PatternStore]:
     store = PatternStore(db_path, dim=DIM, model="wav2vec2", profile="tiny", recall_index=RecallIndex())
     store.open()
-    yield store
-    store.close()
-
-
-@pytest.fixture
-def feedback(tmp_path: Path) -> Iterator[FeedbackStore]:
-    store = open_feedback_store(f"sqlite://{tmp_path / 'workflows.db'}")
     yield store
     store.close()
 
