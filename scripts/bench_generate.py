@@ -56,10 +56,14 @@ async def served(target: str, concurrency: int, n: int, steps: int, seconds: flo
         return stats(latencies, time.perf_counter() - start)
 
 
-async def warm_up(target: str, steps: int, seconds: float, seed: int) -> None:
-    """One generation outside the measurement (first-call allocations in ORT and the python stubs)."""
+async def warm_up(target: str, concurrency: int, steps: int, seconds: float, seed: int) -> None:
+    """``concurrency`` generations at once, outside the measurement, so that the measured row starts with every
+    batch shape it will see already run once (onnxruntime grows its memory arena per new shape)."""
     async with AsyncClient(target, timeout_s=3600) as c:
-        [e async for e in c.generate(PROMPT, seconds=seconds, steps=steps, seed=seed)]
+        async def one(s: int) -> None:
+            [e async for e in c.generate(PROMPT, seconds=seconds, steps=steps, seed=s)]
+
+        await asyncio.gather(*(one(seed - i) for i in range(concurrency)))
 
 
 async def triton_stats(url: str) -> dict[str, dict[str, int]]:
@@ -150,7 +154,7 @@ def main() -> int:
     try:
         orch.start(timeout_s=900)
         for c in args.concurrency:
-            asyncio.run(warm_up(orch.target, args.steps, args.seconds, 1000 * c - 1))
+            asyncio.run(warm_up(orch.target, c, args.steps, args.seconds, 1000 * c - 1))
             before = asyncio.run(triton_stats(triton.grpc_url))
             res = asyncio.run(served(orch.target, c, args.generations, args.steps, args.seconds, 1000 * c))
             res["triton"] = stats_delta(before, asyncio.run(triton_stats(triton.grpc_url)))

@@ -344,6 +344,39 @@ def test_concurrent_generations_batch_unet(server, reference):
         assert np.max(np.abs(got.waveform - want)) <= WAVEFORM_ATOL  # batching does not change results
 
 
+def test_unet_row_slices_match_one_run(server, repo_dir):
+    """The UNet config runs batches of >= 2 rows as two row slices side by side (row_parallelism); each row must
+    come back as one whole-batch onnxruntime run computes it, in order, for even and odd splits and for a single
+    row (which takes the all-cores session)."""
+    import onnxruntime as ort
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse((repo_dir / "unet" / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    assert config.parameters["row_parallelism"].string_value == "2"
+    session = ort.InferenceSession(str(repo_dir / "unet" / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    channels, width = session.get_inputs()[0].shape[1], session.get_inputs()[0].shape[3]
+    labels_dim = session.get_inputs()[2].shape[1]
+    rng = np.random.default_rng(7)
+    client = tritonclient_grpc.InferenceServerClient(server.grpc_url)
+    try:
+        for rows in (1, 2, 3, 5):
+            feeds = {"sample": rng.standard_normal((rows, channels, 16, width)).astype(np.float32),
+                     "timestep": rng.uniform(0, 999, (rows, 1)).astype(np.float32),
+                     "class_labels": rng.standard_normal((rows, labels_dim)).astype(np.float32)}
+            inputs = []
+            for name, array in feeds.items():
+                tensor = tritonclient_grpc.InferInput(name, list(array.shape), "FP32")
+                tensor.set_data_from_numpy(array)
+                inputs.append(tensor)
+            got = client.infer("unet", inputs).as_numpy("noise_pred")
+            want = session.run(["noise_pred"], feeds)[0]
+            assert got.shape == want.shape
+            assert np.max(np.abs(got - want)) <= 1e-5, rows
+    finally:
+        client.close()
+
+
 BAD_REQUESTS = [
     (dict(prompt=""), "'prompt' must be a non-empty string"),
     (dict(prompt="   "), "'prompt' must be a non-empty string"),
