@@ -8,7 +8,7 @@ import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from server.export.repository import ALL_MODELS, EXPORTERS, SHARED_MODEL_PY
+from server.export.repository import ALL_MODELS, EXPORTERS, SHARED_MODEL_PY, SHARED_SUPPORT
 
 REPO = Path(__file__).resolve().parent.parent / "model_repository"
 CONFIGS = sorted(REPO.glob("*/config.pbtxt")) + sorted(REPO.glob("*/configs/*.pbtxt"))
@@ -34,7 +34,8 @@ def test_config_parses_and_names_its_folder(path: Path) -> None:
 
 def test_every_served_model_has_a_template_and_streaming_models_are_decoupled() -> None:
     assert set(ALL_MODELS) == {p.parent.name for p in REPO.glob("*/config.pbtxt")}
-    assert set(SHARED_MODEL_PY) <= set(ALL_MODELS)
+    assert set(SHARED_MODEL_PY) <= set(ALL_MODELS) and set(SHARED_SUPPORT) <= set(ALL_MODELS)
+    assert all((REPO / "_shared" / module).exists() for modules in SHARED_SUPPORT.values() for module in modules)
     for name in ("audioldm", "coordinator"):
         assert parse(REPO / name / "config.pbtxt").model_transaction_policy.decoupled, name
     assert set(EXPORTERS) <= set(ALL_MODELS)
@@ -59,8 +60,10 @@ def test_a_built_repository_picks_up_template_changes_without_reexport(tmp_path:
     (built / "1" / "model.onnx").write_bytes(b"generated")
     (built / "config.pbtxt").write_text("stale")
     (built / "1" / "model.py").write_text("stale")
+    (built / "1" / "ort_session.py").unlink()
     assert _refresh_template("unet", tmp_path)
     assert (built / "config.pbtxt").read_text() == (REPO / "unet" / "config.pbtxt").read_text()
     assert (built / "1" / "model.py").read_text() == (REPO / "_shared" / SHARED_MODEL_PY["unet"]).read_text()
+    assert (built / "1" / "ort_session.py").read_text() == (REPO / "_shared" / "ort_session.py").read_text()
     assert (built / "1" / "model.onnx").read_bytes() == b"generated"
     assert not _refresh_template("unet", tmp_path)

@@ -1,13 +1,12 @@
 """wav2vec2 served by a real tritonserver (python backend): batching is exact and per-request errors are isolated.
 
-The module materialises its own one-model repository (template copy + tiny export) and starts its own
-EmbeddedTriton, so it tests exactly the committed config.pbtxt/model.py, independent of the shared suite server.
+The module materialises its own one-model repository (the builder's template copy + tiny export) and starts its
+own EmbeddedTriton, so it tests exactly the committed config.pbtxt/model.py, independent of the shared suite server.
 Requests go out with ``async_infer`` from one thread so a burst reaches the dynamic batcher within a few ms.
 """
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -21,10 +20,10 @@ grpcclient = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from server.export import wav2vec2 as w2v  # noqa: E402
+from server.export.repository import _copy_template  # noqa: E402
 from server.triton_process import EmbeddedTriton  # noqa: E402
 
 MODEL = "wav2vec2"
-TEMPLATE = Path(__file__).resolve().parent.parent / "model_repository" / MODEL
 SEED = 7
 # Triton result vs the same graph in-process, and batched vs alone: ORT picks different GEMM blockings for
 # different batch sizes, which moves float32 results by ~1e-6 at most.
@@ -40,8 +39,7 @@ class Served:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     root = tmp_path_factory.mktemp("w2v_triton")
-    model_dir = root / "repo" / MODEL
-    shutil.copytree(TEMPLATE, model_dir, ignore=shutil.ignore_patterns("__pycache__"))
+    model_dir = _copy_template(MODEL, root / "repo")
     w2v.export("tiny", model_dir, None, SEED)
     server = EmbeddedTriton(root / "repo", root / "triton.log", startup_timeout_s=120)
     server.start()

@@ -21,7 +21,8 @@ UNet, 1 s latents): 5.8 ms per row as one 2-thread run of a CFG pair, 4.2 ms as 
 UNet gains 2%, so the models that do not gain keep it off. Batches smaller than P use the all-cores session.
 
 A malformed request (missing input, rank mismatch, batch mismatch between its inputs, non-finite values) gets its
-own error response; the rest of the batch is still served. Optional config parameters:
+own error response; the rest of the batch is still served. Optional config parameters (the session ones read by
+ort_session.py, placed beside this file):
 ``intra_op_thread_count`` (0 = one per core), ``inter_op_thread_count`` (default 1), ``allow_spinning`` ("0"/"1"),
 ``force_spinning_stop`` ("1"/"0"), ``row_parallelism`` (see above).
 """
@@ -36,14 +37,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+from ort_session import param, providers, session_options
 
 ONNX_FILENAME = "model.onnx"
-
-
-def _param(config: dict, key: str, default: str) -> str:
-    """String value of ``parameters { key: ... }`` in the model config, or ``default``."""
-    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
-    return value if value != "" else default
 
 
 class TritonPythonModel:
@@ -58,38 +54,27 @@ class TritonPythonModel:
         path = os.path.join(args["model_repository"], args["model_version"], ONNX_FILENAME)
         if not os.path.exists(path):
             raise pb_utils.TritonModelException(f"{path} is missing; build the repository (server/export)")
-        providers = self._providers(args)
-        self._session = ort.InferenceSession(path, sess_options=self._session_options(config), providers=providers)
+        placement = providers(args)
+        self._session = ort.InferenceSession(path, sess_options=session_options(config), providers=placement)
         self._ranks = self._check_signature(path)
         self._logger = pb_utils.Logger
-        self._slices, self._pool = self._row_parallel_sessions(config, path, providers)
+        self._slices, self._pool = self._row_parallel_sessions(config, path, placement)
 
-    @staticmethod
-    def _session_options(config: dict) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(_param(config, "intra_op_thread_count", "0"))
-        options.inter_op_num_threads = int(_param(config, "inter_op_thread_count", "1"))
-        options.add_session_config_entry("session.intra_op.allow_spinning", _param(config, "allow_spinning", "0"))
-        # Spinning threads keep spinning for a while after run() returns, on cores that the next model (another
-        # process) needs; stop them as soon as the run ends. Spinning within a run is what makes it faster.
-        options.add_session_config_entry("session.force_spinning_stop", _param(config, "force_spinning_stop", "1"))
-        return options
-
-    def _row_parallel_sessions(self, config: dict, path: str, providers: list[Any]
+    def _row_parallel_sessions(self, config: dict, path: str, placement: list[Any]
                                ) -> tuple[list[ort.InferenceSession], ThreadPoolExecutor | None]:
         """Sessions for the P concurrent row slices (see the module docstring), or none when P is 1 or on a GPU.
 
         A session's intra-op thread pool is shared by concurrent runs, so slices with several threads each need
         their own session; single-threaded runs execute in the calling thread and can share one session."""
         cores = len(os.sched_getaffinity(0))
-        threads = int(_param(config, "intra_op_thread_count", "0")) or cores
-        parallel = min(int(_param(config, "row_parallelism", "1")), threads)
-        if parallel <= 1 or providers[0] != "CPUExecutionProvider":
+        threads = int(param(config, "intra_op_thread_count", "0")) or cores
+        parallel = min(int(param(config, "row_parallelism", "1")), threads)
+        if parallel <= 1 or placement[0] != "CPUExecutionProvider":
             return [], None
-        options = self._session_options(config)
+        options = session_options(config)
         options.intra_op_num_threads = threads // parallel
         count = 1 if options.intra_op_num_threads == 1 else parallel
-        sessions = [ort.InferenceSession(path, sess_options=options, providers=providers) for _ in range(count)]
+        sessions = [ort.InferenceSession(path, sess_options=options, providers=placement) for _ in range(count)]
         return sessions * (parallel // count), ThreadPoolExecutor(parallel, thread_name_prefix=f"{self._name}-rows")
 
     def _run(self, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -104,14 +89,6 @@ class TritonPythonModel:
         ]
         parts = [future.result() for future in futures]
         return [np.concatenate([part[i] for part in parts]) for i in range(len(self._output_names))]
-
-    @staticmethod
-    def _providers(args: dict[str, Any]) -> list[Any]:
-        """CUDA when Triton placed this instance on a GPU and this onnxruntime build has it; CPU otherwise."""
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            return [("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}),
-                    "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
 
     def _check_signature(self, path: str) -> dict[str, int]:
         """Fail loading (not the first request) when config and graph disagree; returns each input's rank."""

@@ -54,6 +54,17 @@ SHARED_MODEL_PY = {
     "clap_text_encoder": "onnx_runtime_model.py", "unet": "onnx_runtime_model.py",
     "vae_decoder": "onnx_runtime_model.py", "vocoder": "onnx_runtime_model.py",
 }
+# Modules from model_repository/_shared/ placed next to a model's model.py, which imports them from its own folder
+# (the python-backend stub puts it on sys.path): the onnxruntime session set-up of every ONNX python model.
+SHARED_SUPPORT: dict[str, tuple[str, ...]] = {name: ("ort_session.py",) for name in (*SHARED_MODEL_PY, "wav2vec2")}
+
+
+def _shared_files(name: str) -> dict[Path, Path]:
+    """Version-folder path -> source in model_repository/_shared/ for what ``name`` takes from there."""
+    files = {Path("1") / module: TEMPLATE_DIR / "_shared" / module for module in SHARED_SUPPORT.get(name, ())}
+    if name in SHARED_MODEL_PY:
+        files[Path("1") / "model.py"] = TEMPLATE_DIR / "_shared" / SHARED_MODEL_PY[name]
+    return files
 
 
 def _load_exporter(spec: str) -> Exporter:
@@ -120,8 +131,8 @@ def _copy_template(name: str, out_dir: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx_data", "checkpoint",
                                                            ".gitkeep"))
     (dst / "1").mkdir(exist_ok=True)
-    if name in SHARED_MODEL_PY:
-        shutil.copyfile(TEMPLATE_DIR / "_shared" / SHARED_MODEL_PY[name], dst / "1" / "model.py")
+    for rel, source in _shared_files(name).items():
+        shutil.copyfile(source, dst / rel)
     return dst
 
 
@@ -132,8 +143,7 @@ def _refresh_template(name: str, out_dir: Path) -> bool:
     src, dst = TEMPLATE_DIR / name, out_dir / name
     files = {f.relative_to(src): f for f in src.rglob("*")
              if f.is_file() and "__pycache__" not in f.parts and f.name != ".gitkeep"}
-    if name in SHARED_MODEL_PY:
-        files[Path("1") / "model.py"] = TEMPLATE_DIR / "_shared" / SHARED_MODEL_PY[name]
+    files.update(_shared_files(name))
     changed = False
     for rel, source in files.items():
         target = dst / rel

@@ -12,7 +12,8 @@ samples) gets its own error response; the rest of the batch is still served. The
 the ONNX file's metadata (written by server/export/wav2vec2.py), so it always matches the graph being served.
 
 Tensor names and dtypes come from the model configuration; the ONNX file is loaded from
-``<model_repository>/<version>/model.onnx``. Optional config parameters: ``intra_op_thread_count``,
+``<model_repository>/<version>/model.onnx``. Optional config parameters (the session ones read by
+ort_session.py, placed beside this file): ``intra_op_thread_count``,
 ``inter_op_thread_count`` (default 1), ``allow_spinning`` ("0"/"1") and ``force_spinning_stop`` ("1"/"0").
 """
 
@@ -25,14 +26,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+from ort_session import providers, session_options
 
 ONNX_FILENAME = "model.onnx"
-
-
-def _param(config: dict, key: str, default: str) -> str:
-    """String value of ``parameters { key: ... }`` in the model config, or ``default``."""
-    value = config.get("parameters", {}).get(key, {}).get("string_value", "")
-    return value if value != "" else default
 
 
 class TritonPythonModel:
@@ -47,33 +43,13 @@ class TritonPythonModel:
         self._output_dtypes = [pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]]
 
         path = os.path.join(args["model_repository"], args["model_version"], ONNX_FILENAME)
-        self._session = ort.InferenceSession(path, sess_options=self._session_options(config),
-                                             providers=self._providers(args))
+        self._session = ort.InferenceSession(path, sess_options=session_options(config), providers=providers(args))
         self._check_signature(path)
         metadata = self._session.get_modelmeta().custom_metadata_map
         if "min_samples" not in metadata:
             raise pb_utils.TritonModelException(f"{path} lacks 'min_samples' metadata; re-export it")
         self._min_samples = int(metadata["min_samples"])
         self._logger = pb_utils.Logger
-
-    @staticmethod
-    def _session_options(config: dict) -> ort.SessionOptions:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(_param(config, "intra_op_thread_count", "0"))
-        options.inter_op_num_threads = int(_param(config, "inter_op_thread_count", "1"))
-        options.add_session_config_entry("session.intra_op.allow_spinning", _param(config, "allow_spinning", "0"))
-        # Spinning threads keep spinning for a while after run() returns, on cores that the next model (another
-        # process) needs; stop them as soon as the run ends. Spinning within a run is what makes it faster.
-        options.add_session_config_entry("session.force_spinning_stop", _param(config, "force_spinning_stop", "1"))
-        return options
-
-    @staticmethod
-    def _providers(args: dict[str, Any]) -> list[Any]:
-        """CUDA when Triton placed this instance on a GPU and this onnxruntime build has it; CPU otherwise."""
-        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
-            return [("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}),
-                    "CPUExecutionProvider"]
-        return ["CPUExecutionProvider"]
 
     def _check_signature(self, path: str) -> None:
         """Fail loading (not the first request) when config and graph disagree on tensor names."""
