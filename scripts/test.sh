@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ -x scripts/install_tools.sh ]; then bash scripts/install_tools.sh; fi
 . .venv/bin/activate
-exec python -m pytest -q -p no:cacheprovider "$@"
+# Line coverage of the package, the orchestrator child processes included (coverage's subprocess patch).
+exec python -m pytest -q -p no:cacheprovider --cov --cov-report=term "$@"
