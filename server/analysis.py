@@ -8,6 +8,7 @@ and a window bounds the memory one request can hold.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -16,11 +17,11 @@ import numpy as np
 
 from server.audio import TARGET_RATE_HZ, Audio, decode_pcm, to_mono_16k, validate
 from server.cache import LruCache, digest
-from server.errors import InvalidArgument, OutOfRange
+from server.errors import InvalidArgument, OutOfRange, ResourceExhausted
 from server.export.wav2vec2 import num_frames
 from server.metrics import Metrics
 from server.patterns import PatternRecord, PatternStore, validate_tags
-from server.resilience import MemoryBudget
+from server.resilience import BudgetHold, MemoryBudget
 from server.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -73,8 +74,10 @@ class AnalysisService:
 
     def __init__(self, triton: TritonClient, store: PatternStore, *, profile: str, min_samples: int,
                  max_audio_s: float, max_stream_s: float, window_s: float, budget: MemoryBudget,
-                 metrics: Metrics | None = None, cache: LruCache[Analysis] | None = None) -> None:
+                 metrics: Metrics | None = None, cache: LruCache[Analysis] | None = None,
+                 max_stream_buffer_bytes: int = 64 * 1024 * 1024) -> None:
         self.triton = triton
+        self.max_stream_buffer_bytes = max_stream_buffer_bytes
         self.store = store
         self.profile = profile
         self.min_samples = min_samples
@@ -136,9 +139,31 @@ class AnalysisService:
 
         Each window is resampled independently (polyphase filter); a tail shorter than one feature frame's
         receptive field (25 ms) is too short for Wav2Vec2 and is not analysed.
+
+        Memory: the stream buffers at most one window at the input rate plus one message, and every byte it holds
+        is charged to the in-flight memory budget as it arrives (twice while a window is being cut out of the
+        buffer); a config whose window alone exceeds ``max_stream_buffer_bytes``, or growth past the budget, is
+        RESOURCE_EXHAUSTED, so idle streams cannot hold more memory than the budget.
         """
         tags = validate_tags(config.tags)
         in_window = max(1, int(round(self.window_samples * config.sample_rate_hz / TARGET_RATE_HZ)))
+        frame_bytes = 4 * max(1, config.channels)  # float32 per channel once decoded
+        window_bytes = in_window * frame_bytes
+        if window_bytes > self.max_stream_buffer_bytes:
+            raise ResourceExhausted(
+                f"a {self.window_samples / TARGET_RATE_HZ:g} s analysis window at {config.sample_rate_hz} Hz x "
+                f"{config.channels} channel(s) needs {window_bytes} bytes of buffer; a stream may buffer at most "
+                f"{self.max_stream_buffer_bytes} (max_stream_buffer_bytes): lower sample_rate_hz or channels")
+        with self.budget.hold("StreamAnalyze") as held:
+            windows = self._windows(config, chunks, in_window, frame_bytes, held, tags, deadline=deadline,
+                                    request_id=request_id)
+            async with contextlib.aclosing(windows) as items:
+                async for item in items:
+                    yield item
+
+    async def _windows(self, config: StreamConfig, chunks: AsyncIterator[bytes], in_window: int, frame_bytes: int,
+                       held: BudgetHold, tags: Mapping[str, str], *, deadline: float | None,
+                       request_id: str) -> AsyncIterator[WindowResult | StreamSummary]:
         pending: list[np.ndarray] = []
         pending_len = 0
         total_in = 0
@@ -158,25 +183,40 @@ class AnalysisService:
             windows.append(window)
             return window
 
-        async for chunk in chunks:
-            samples, _ = decode_pcm(chunk, config.sample_rate_hz, config.channels, config.encoding)
-            if not np.isfinite(samples).all():
-                raise InvalidArgument(f"audio chunk at {total_in / config.sample_rate_hz:.2f} s contains NaN or "
-                                      "infinite samples")
-            total_in += len(samples)
-            if total_in > max_in:
-                raise OutOfRange(f"stream exceeds the server's maximum of {self.max_stream_s:.0f} s")
-            pending.append(samples)
-            pending_len += len(samples)
-            while pending_len >= in_window:
-                joined = np.concatenate(pending)
-                head, rest = joined[:in_window], joined[in_window:]
-                pending, pending_len = ([rest] if len(rest) else []), len(rest)
-                if (w := await flush(head)) is not None:
+        chunk: bytes | None = None
+        samples = joined = rest = None
+        try:
+            async for chunk in chunks:
+                samples, _ = decode_pcm(chunk, config.sample_rate_hz, config.channels, config.encoding)
+                if not np.isfinite(samples).all():
+                    raise InvalidArgument(f"audio chunk at {total_in / config.sample_rate_hz:.2f} s contains NaN or "
+                                          "infinite samples")
+                total_in += len(samples)
+                if total_in > max_in:
+                    raise OutOfRange(f"stream exceeds the server's maximum of {self.max_stream_s:.0f} s")
+                held.resize((pending_len + len(samples)) * frame_bytes)
+                pending.append(samples)
+                pending_len += len(samples)
+                while pending_len >= in_window:
+                    held.resize(2 * pending_len * frame_bytes)  # the pieces and their concatenation
+                    joined = np.concatenate(pending)
+                    rest = joined[in_window:].copy()  # a copy: a view would keep the whole window alive
+                    pending, pending_len = ([rest] if len(rest) else []), len(rest)
+                    held.resize(len(joined) * frame_bytes)
+                    if (w := await flush(joined[:in_window])) is not None:
+                        yield w
+                    joined = None
+                    held.resize(pending_len * frame_bytes)
+            if pending_len:
+                held.resize(2 * pending_len * frame_bytes)
+                if (w := await flush(np.concatenate(pending))) is not None:
                     yield w
-        if pending_len:
-            if (w := await flush(np.concatenate(pending))) is not None:
-                yield w
+        finally:
+            # Free the buffer with its charge, also on an error: the traceback keeps this frame (and with it
+            # the buffer) alive until the error is reported, or until the garbage collector breaks the cycle.
+            pending.clear()
+            chunk = samples = joined = rest = None
+            held.release()
         if not windows:
             raise InvalidArgument(
                 f"the stream held {total_in} sample(s); at least {self.min_samples} at 16 kHz are needed"

@@ -19,7 +19,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from grym.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from grym.v1 import orchestrator_pb2
 from server.analysis import MODEL as ANALYSIS_MODEL, AnalysisService
 from server.audio import TARGET_RATE_HZ
 from server.export.repository import DEFAULT_MODELS, build_repository
@@ -30,6 +30,8 @@ from server.errors import InvalidArgument, NotFound
 from server.generation import COMPONENT_MODELS as GENERATION_COMPONENTS
 from server.generation import PIPELINE_MODEL as GENERATION_PIPELINE
 from server.generation import GenerationService
+from server.generation import load_limits as load_generation_limits
+from server.generation import use_limits as use_generation_limits
 from server.health import HealthMonitor
 from server.metrics import Metrics
 from server.patterns import PatternStore
@@ -41,9 +43,10 @@ from server.resilience import AdmissionControl, AsyncBreaker, MemoryBudget, Retr
 from server.workflow_store import open_workflow_store
 from server.security import BearerTokenInterceptor, server_credentials
 from server.service import Gate, OrchestratorService
+from server.service import add_to_server as add_orchestrator_to_server
 from server.settings import Settings
 from server.triton_client import TritonClient
-from server.triton_process import EmbeddedTriton, free_port
+from server.triton_process import AUTH_HEADER, EmbeddedTriton, TritonSupervisor, free_port
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,7 @@ class App:
         self.workflows: Any = None
         self.feedback: Any = None
         self._stats_task: asyncio.Task[None] | None = None
+        self._supervisor_task: asyncio.Task[None] | None = None
         self.recall_index = RecallIndex()
         self._recall_index_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -80,7 +84,7 @@ class App:
         """Build the profile's repository (embedded Triton only: an external Triton serves its own)."""
         s = self.settings
         self.manifest = build_repository(s.profile, s.repository_dir, weights=s.model_weights, seed=s.seed,
-                                         models=DEFAULT_MODELS)
+                                         models=s.triton_model_list or DEFAULT_MODELS)
 
     def _triton_url(self) -> str:
         s = self.settings
@@ -89,9 +93,19 @@ class App:
         self.triton_process = EmbeddedTriton(
             s.repository_dir, s.data_dir / "logs" / "tritonserver.log", config_name=s.triton_model_config_name,
             startup_timeout_s=s.triton_startup_timeout_s, ports=(free_port(), free_port(), free_port()),
-            rate_limit=s.triton_rate_limit,
+            rate_limit=s.triton_rate_limit, http=s.triton_http, restrict=s.triton_restrict,
+            models=s.triton_model_list,
         )
         return self.triton_process.grpc_url
+
+    def _triton_headers(self) -> dict[str, str] | None:
+        """The secret header Triton demands: the embedded server's (the very dict it renews at each start), or
+        the one from ``triton_secret_file`` for an external server; None when Triton is not restricted."""
+        s = self.settings
+        if self.triton_process is not None:
+            return self.triton_process.auth_headers if s.triton_restrict else None
+        secret = s.triton_secret
+        return {AUTH_HEADER: secret} if secret else None
 
     async def _wait_models(self, timeout_s: float) -> None:
         assert self.triton is not None
@@ -116,11 +130,17 @@ class App:
         s = self.settings
         if self.triton_process is not None:
             await asyncio.to_thread(self._prepare_models)
-            await asyncio.to_thread(self.triton_process.start)
+            self.triton_process.launch()  # on the event-loop thread: PR_SET_PDEATHSIG follows the launching thread
+            try:
+                await asyncio.to_thread(self.triton_process.wait_ready)
+            except BaseException:
+                await asyncio.to_thread(self.triton_process.stop)
+                raise
         await self._wait_models(s.triton_startup_timeout_s)
         assert self.store is not None
         self.store.dim = await self._probe_embedding_dim()
-        await asyncio.to_thread(self.store.open)
+        # Refuses (start-up fails, saying why) a damaged store, or a missing one beside a non-empty workflow history.
+        await asyncio.to_thread(self.store.open, self.workflows.count_sync)
         self._recall_index_task = asyncio.create_task(
             self.recall_index.keep_in_sync(self.store, s.recall_index_refresh_s), name="recall-index")
         interrupted = await self.workflows.mark_interrupted_on_startup()
@@ -130,6 +150,42 @@ class App:
         await self.health.check_once()
         self.gate.ready = True
         self._stats_task = asyncio.create_task(self._poll_triton_stats(), name="triton-stats")
+        if self.triton_process is not None and s.triton_supervise:
+            supervisor = TritonSupervisor(self.triton_process, on_down=self._triton_down, on_up=self._triton_up,
+                                          backoff_s=s.triton_restart_backoff_s,
+                                          backoff_max_s=s.triton_restart_backoff_max_s)
+            self._supervisor_task = asyncio.create_task(self._supervise(supervisor), name="triton-supervisor")
+
+    async def _supervise(self, supervisor: TritonSupervisor) -> None:
+        try:
+            await supervisor.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("supervisor: stopped by an unexpected error; a dead Triton will not be restarted")
+
+    async def _triton_down(self, reason: str) -> None:
+        """The embedded Triton died: NOT_SERVING at once, until it is back and the breakers are reset."""
+        assert self.health is not None
+        await self.health.hold("triton", reason)
+
+    async def _triton_up(self) -> None:
+        """The restarted Triton is ready: forget the failures the dead one caused, then report SERVING."""
+        assert self.health is not None
+        self._reset_triton_breakers()
+        await self.health.release("triton")
+
+    def _reset_triton_breakers(self) -> None:
+        breakers = []
+        if self.triton is not None:
+            models = (*REQUIRED_MODELS, GENERATION_PIPELINE, *GENERATION_COMPONENTS)
+            breakers += [self.triton.breaker(m) for m in models]
+        if self.compose is not None and self.settings.coordinator_backend == "triton":
+            breakers.append(self.compose.breaker)
+        for breaker in breakers:
+            if breaker.state != "closed" or breaker.breaker.fail_counter:
+                breaker.breaker.close()  # pybreaker's public reset: closed, failure count 0
+        log.info("supervisor: Triton breakers reset")
 
     async def _poll_triton_stats(self, interval_s: float = 5.0) -> None:
         """Export Triton's own queue vs compute split per model (averages over the last interval)."""
@@ -163,6 +219,8 @@ class App:
         self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
         triton_url = self._triton_url()
         self.triton = TritonClient(triton_url, channels=s.triton_channels, timeout_s=s.triton_timeout_s,
+                                   headers=self._triton_headers(),
+                                   idle_timeout_s=s.triton_idle_timeout_s,
                                    metrics=self.metrics, retry_policy=RetryPolicy(attempts=s.retry_attempts),
                                    breaker_fail_max=s.breaker_fail_max, breaker_reset_s=s.breaker_reset_s)
         self.store = PatternStore(s.milvus_target, dim=0, model=ANALYSIS_MODEL, profile=s.profile,
@@ -177,13 +235,15 @@ class App:
         analysis = AnalysisService(
             self.triton, self.store, profile=s.profile, min_samples=MIN_SAMPLES, max_audio_s=s.max_audio_seconds,
             max_stream_s=s.max_stream_seconds, window_s=s.stream_window_seconds, budget=budget, metrics=self.metrics,
-            cache=self.cache,
+            cache=self.cache, max_stream_buffer_bytes=s.max_stream_buffer_bytes,
         )
+        # The audioldm model's limits and CLAP tokenizer, once: Generate refuses what the model would refuse.
+        use_generation_limits(load_generation_limits(s.profile, s.repository_dir, s.audioldm_weights_dir))
         generation = GenerationService(
             self.triton, analysis, self.store, profile=s.profile, max_duration_s=s.max_generate_seconds,
             cache=LruCache("generation", max_entries=s.cache_max_entries, max_bytes=s.cache_max_bytes,
                            metrics=self.metrics),
-            metrics=self.metrics,
+            metrics=self.metrics, max_concurrent=s.max_concurrent_generations,
         )
         self.workflows = open_workflow_store(s.workflow_store_target)
         self.feedback = FeedbackStore(self.workflows.db).open()
@@ -200,7 +260,8 @@ class App:
         self.health = HealthMonitor({"triton": self._triton_ready, "milvus": self._milvus_ready},
                                     optional={"generation": self._generation_ready}, metrics=self.metrics)
         self.server = self._grpc_server(OrchestratorService(analysis, self.store, self.admission, self.gate,
-                                                            self.metrics, generation, compose))
+                                                            self.metrics, generation, compose,
+                                                            write_timeout_s=s.stream_write_timeout_s))
         await self.server.start()
         log.info("gRPC API bound to %s:%d (NOT_SERVING until Triton and Milvus are ready)", s.host, self.port)
         await self.health.start()
@@ -216,7 +277,7 @@ class App:
             ("grpc.max_send_message_length", s.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ])
-        orchestrator_pb2_grpc.add_OrchestratorServicer_to_server(service, server)
+        add_orchestrator_to_server(service, server)  # undecodable request bytes -> INVALID_ARGUMENT
         assert self.health is not None
         health_pb2_grpc.add_HealthServicer_to_server(self.health.servicer, server)
         names = (orchestrator_pb2.DESCRIPTOR.services_by_name["Orchestrator"].full_name,
@@ -245,7 +306,7 @@ class App:
             return OpenAICoordinatorBackend(str(s.coordinator_openai_url), s.coordinator_openai_model,
                                             s.coordinator_api_key, token_timeout_s=s.coordinator_token_timeout_s)
         return TritonCoordinatorBackend(triton_url, s.coordinator_model, protocol=s.coordinator_triton_protocol,
-                                        token_timeout_s=s.coordinator_token_timeout_s)
+                                        token_timeout_s=s.coordinator_token_timeout_s, headers=self._triton_headers())
 
     async def _generation_ready(self) -> bool:
         """Generation is optional: a deployment without AudioLDM still serves analysis (Generate answers
@@ -267,6 +328,8 @@ class App:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        if self._supervisor_task:  # before anything stops Triton: a deliberate stop is not a crash
+            self._supervisor_task.cancel()
         grace = self.settings.grace_period_s if grace_s is None else grace_s
         self.gate.ready = False
         self.gate.reason = "the server is shutting down; retry against another replica"

@@ -98,7 +98,18 @@ async def _serve(settings: Settings, port_file: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logs.configure(args.log_level, json_logs=not args.plain_logs)
-    settings = settings_from_args(args)
+    if getattr(args, "auth_token", None):
+        log.warning("--auth-token is visible to every local user (ps, /proc/<pid>/cmdline); use --auth-token-file "
+                    "or the GRYM_AUTH_TOKEN environment variable instead")
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:  # pydantic's ValidationError is one: say what is wrong, without a traceback
+        errors = getattr(exc, "errors", None)
+        # Never the inputs: they may hold the token.
+        detail = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+                           for e in errors(include_url=False, include_input=False)) if errors else str(exc)
+        log.error("invalid settings: %s", detail)
+        return 2
     if args.command == "serve":
         return asyncio.run(_serve(settings, args.port_file))
     from server.export.repository import DEFAULT_MODELS, build_repository

@@ -105,11 +105,16 @@ class GenerateExecutor:
                           int(q["steps"]), float(q["guidance_scale"]), int(q["seed"]), str(q["scheduler"]),
                           self.generation.max_duration_s)
         samples, seed, cached = np.zeros(0, np.float32), params.seed or 0, False
-        async for item in self.generation.synthesize(params, deadline=ctx.deadline, request_id=ctx.request_id):
-            if isinstance(item, Progress):
-                await ctx.progress(item.step, item.total_steps, "denoising")
-            else:
-                samples, seed, cached = item
+        # Waits for one of the generation slots shared with Generate; cancelling the step (the client went away,
+        # the deadline, a sibling failed) closes the Triton stream, and the audioldm model stops within one step.
+        stream = self.generation.synthesize(params, deadline=ctx.deadline, request_id=ctx.request_id,
+                                            wait_for_slot=True, what="Compose")
+        async with contextlib.aclosing(stream) as items:
+            async for item in items:
+                if isinstance(item, Progress):
+                    await ctx.progress(item.step, item.total_steps, "denoising")
+                else:
+                    samples, seed, cached = item
         return {"audio": samples, "sample_rate_hz": TARGET_RATE_HZ, "seed": seed, "cached": cached,
                 "duration_s": len(samples) / TARGET_RATE_HZ, "params": dict(q)}
 

@@ -30,7 +30,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -265,8 +265,10 @@ class TritonCoordinatorBackend:
         protocol: Literal["grym", "vllm"] = "grym",
         token_timeout_s: float = DEFAULT_TOKEN_TIMEOUT_S,
         start_in_thinking: bool = True,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         self.grpc_url = grpc_url
+        self.headers = headers  # sent on every call (a restricted Triton's secret)
         self.model_name = model_name
         self.protocol = protocol
         self.token_timeout_s = token_timeout_s
@@ -281,7 +283,9 @@ class TritonCoordinatorBackend:
 
         loop = asyncio.get_running_loop()
         if self._client is None or self._loop is not loop:
-            self._client = triton_aio.InferenceServerClient(self.grpc_url)
+            from server.security import with_headers
+
+            self._client = with_headers(triton_aio.InferenceServerClient(self.grpc_url), self.headers)
             self._loop = loop
         return self._client
 

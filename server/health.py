@@ -4,7 +4,9 @@ Services reported: "" (the whole server), ``grym.v1.Orchestrator`` (same as ""),
 required model ready), ``milvus`` (pattern store open and answering) and optional features such as
 ``generation`` (the AudioLDM models loaded), which do not gate the whole server. The whole server is SERVING only when
 every component is; a monitor task re-checks them so a Triton restart or a lost Milvus connection shows up
-(NOT_SERVING) and recovery flips it back without a restart.
+(NOT_SERVING) and recovery flips it back without a restart. A component can also be *held* NOT_SERVING whatever
+its probe says (:meth:`HealthMonitor.hold`): the Triton supervisor does so from a crash until the restarted
+server is ready and the breakers are reset.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class HealthMonitor:
         self.status: dict[str, bool] = {name: False for name in probes}
         self.optional_status: dict[str, bool] = {name: False for name in self.optional}
         self.draining = False
+        self.held: dict[str, str] = {}  # component -> why it is held NOT_SERVING
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
@@ -63,6 +66,7 @@ class HealthMonitor:
         results = await asyncio.gather(*(self._probe(n, p) for n, p in probes.items()))
         changed = False
         for name, ok in zip(probes, results):
+            ok = ok and name not in self.held
             if name in self.optional:
                 self.optional_status[name] = ok
                 continue
@@ -74,6 +78,18 @@ class HealthMonitor:
         if changed:
             self._changed.set()
         return dict(self.status)
+
+    async def hold(self, name: str, reason: str) -> None:
+        """Report ``name`` NOT_SERVING, whatever its probe says, until :meth:`release`; published at once."""
+        self.held[name] = reason
+        log.warning("health: %s held NOT_SERVING: %s", name, reason)
+        await self.check_once()
+
+    async def release(self, name: str) -> None:
+        """Let ``name``'s probe decide again; re-checked at once."""
+        if self.held.pop(name, None) is not None:
+            log.info("health: %s released", name)
+        await self.check_once()
 
     async def _probe(self, name: str, probe: Probe) -> bool:
         try:

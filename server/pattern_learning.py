@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import re
 from collections import Counter
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from server.errors import InvalidArgument
-from server.patterns import PatternRecord, PatternStore, tag_filter_expr, validate_tags
+from server.patterns import PatternRecord, PatternStore, check_pattern_id, quote, tag_filter_expr, validate_tags
 from server.plans import FILLER
 from server.workflow_store import Database, Migration, now_us, truncate
 
@@ -150,6 +149,7 @@ def open_feedback_store(url_or_db: str | Database) -> FeedbackStore:
 async def rate_pattern(patterns: PatternStore, feedback: FeedbackStore, pattern_id: str, rating: int,
                        comment: str = "") -> RatingSummary:
     """Rate an existing pattern (NOT_FOUND otherwise) and return its updated summary."""
+    check_pattern_id(pattern_id)
     await patterns.get(pattern_id)
     await feedback.rate(pattern_id, rating, comment)
     return (await feedback.ratings([pattern_id]))[pattern_id]
@@ -183,6 +183,9 @@ def rank_recalled(matches: Sequence[PatternRecord], ratings: Mapping[str, Rating
 
 
 # --- text recall ----------------------------------------------------------------------------------------------------
+KEYWORD = re.compile(r"[a-z][a-z0-9-]{2,31}")
+
+
 def keywords(text: str) -> list[str]:
     """Content words of a request, safe to put into a LIKE pattern (letters, digits, '-')."""
     words = re.findall(r"[a-z][a-z0-9-]{2,31}", text.lower())
@@ -191,13 +194,17 @@ def keywords(text: str) -> list[str]:
 
 def keyword_filter(words: Sequence[str]) -> str:
     """A Milvus expression matching patterns whose prompt or descriptive tags contain any word. LIKE is
-    case-sensitive, so lower, Capitalised and UPPER spellings are all tried; values are JSON-quoted."""
+    case-sensitive, so lower, Capitalised and UPPER spellings are all tried. Words are :func:`keywords` output
+    (``[a-z][a-z0-9-]*``: no LIKE wildcard, no quote); anything else is refused, and values are quoted with
+    :func:`~server.patterns.quote` all the same (milvus-lite has no filter templating)."""
     clauses = []
     for word in words:
+        if not KEYWORD.fullmatch(word):
+            raise InvalidArgument(f"recall words are letters, digits and '-', got {word[:40]!r}")
         for variant in dict.fromkeys((word, word.capitalize(), word.upper())):
-            pattern = json.dumps(f"%{variant}%")
+            pattern = quote(f"%{variant}%")
             clauses.append(f'metadata["prompt"] like {pattern}')
-            clauses.extend(f'tags["{key}"] like {pattern}' for key in DESCRIPTIVE_TAGS)
+            clauses.extend(f"tags[{quote(key)}] like {pattern}" for key in DESCRIPTIVE_TAGS)
     return " or ".join(clauses)
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import json
 import logging
+import os
 import re
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
-from server.errors import InvalidArgument, NotFound, Unavailable
+from server.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from server.resilience import AsyncBreaker
 
 if TYPE_CHECKING:
@@ -39,13 +42,26 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-TAG_KEY = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+TAG_KEY = re.compile(r"[A-Za-z0-9_.\-]{1,64}")  # always fullmatch: "$" would accept a trailing newline
+# The format every pattern id is issued in (str(uuid.uuid4())). Ids are checked against it before they reach Milvus:
+# pymilvus splices ids into an ``id in [...]`` expression, so an unchecked id is filter code.
+PATTERN_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 MAX_TAGS = 32
 MAX_TAG_VALUE = 256
 MAX_META_BYTES = 16_384
 MAX_TOP_K = 100
 MAX_PAGE_SIZE = 1000
+# Set to 1 to open an empty pattern store beside a non-empty workflow history on purpose (e.g. after deleting it).
+ACCEPT_EMPTY_ENV = "GRYM_ACCEPT_EMPTY_PATTERN_STORE"
 SCALAR_FIELDS = ["id", "model", "profile", "duration_s", "tags", "created_at_us", "source", "metadata"]
+
+
+class PatternStoreError(RuntimeError):
+    """The pattern store cannot be served as configured (the server refuses to start, saying why)."""
+
+
+class PatternStoreDamaged(PatternStoreError):
+    """The pattern store is damaged or missing; serving it would present lost patterns as an empty store."""
 
 
 @dataclass
@@ -81,22 +97,83 @@ class PatternRecord:
         )
 
 
+def _show(value: object, limit: int = 40) -> str:
+    """A client's value, bounded, for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"
+
+
+def check_pattern_id(pattern_id: object, what: str = "pattern_id") -> str:
+    """The id if it has the issued format (a lowercase UUID); INVALID_ARGUMENT otherwise."""
+    if not pattern_id:
+        raise InvalidArgument(f"{what} is required")
+    if not isinstance(pattern_id, str) or not PATTERN_ID.fullmatch(pattern_id):
+        raise InvalidArgument(f"{what} must be a pattern id as returned by AnalyzeAudio, Generate or ListPatterns "
+                              f"(a UUID such as 7c9e6679-7425-40de-944b-e07fc1f90ae7), got {_show(pattern_id)}")
+    return pattern_id
+
+
+def _control_char(text: str) -> str | None:
+    """The first control character (Unicode Cc: NUL, C0, DEL, C1) or lone surrogate in ``text``, if any."""
+    for ch in text:
+        if unicodedata.category(ch) in ("Cc", "Cs"):
+            return ch
+    return None
+
+
 def validate_tags(tags: Mapping[str, str], what: str = "tags") -> dict[str, str]:
-    """Tags become filter expressions, so keys are restricted to a safe alphabet and sizes are bounded."""
+    """The one check for tags, the same when storing and when filtering, so a stored tag can always be filtered:
+    keys are 1-64 characters of a safe alphabet, values any Unicode text of at most 256 characters without control
+    characters (they are refused, not stripped, so that a value round-trips exactly)."""
     if len(tags) > MAX_TAGS:
         raise InvalidArgument(f"{what} has {len(tags)} entries; at most {MAX_TAGS} are allowed")
     for key, value in tags.items():
-        if not TAG_KEY.match(key):
-            raise InvalidArgument(f"{what} key {key!r} must be 1-64 characters of letters, digits, '_', '.', '-'")
+        if not isinstance(key, str) or not TAG_KEY.fullmatch(key):
+            raise InvalidArgument(f"{what} key {_show(key)} must be 1-64 characters of letters, digits, '_', '.', "
+                                  "'-'")
+        if not isinstance(value, str):
+            raise InvalidArgument(f"{what}[{key}] must be a string")
         if len(value) > MAX_TAG_VALUE:
             raise InvalidArgument(f"{what}[{key}] is {len(value)} characters; at most {MAX_TAG_VALUE} are allowed")
+        bad = _control_char(value)
+        if bad is not None:
+            raise InvalidArgument(f"{what}[{key}] contains the control character U+{ord(bad):04X}; tag values may "
+                                  "hold any other Unicode text")
     return dict(tags)
 
 
+# Milvus string literals (milvus-lite 3.x: milvus_lite/search/filter/tokens.py::_read_string; Milvus server:
+# Plan.g4's StringLiteral) end at the opening quote character, treat backslash as an escape, and reject a raw CR or
+# LF; every other character stands for itself. These are the only characters that need escaping.
+_LITERAL_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def quote(value: str) -> str:
+    """``value`` as a double-quoted Milvus string literal that parses back to exactly ``value``.
+
+    milvus-lite 3.2.2 has no filter templating (``filter_params`` leaves ``{name}`` in the expression, which its
+    parser rejects), so user text goes into filters only through this function. Unicode stays as it is (JSON's
+    ``\\uXXXX`` escapes are not understood by milvus-lite: that made ``café`` an INTERNAL error); control characters
+    other than tab/CR/LF are refused (callers validate before: this is the last line)."""
+    if not isinstance(value, str):
+        raise TypeError(f"quote() takes a str, got {type(value).__name__}")
+    out = []
+    for ch in value:
+        esc = _LITERAL_ESCAPES.get(ch)
+        if esc is not None:
+            out.append(esc)
+        elif unicodedata.category(ch) in ("Cc", "Cs"):
+            raise InvalidArgument(f"a filter value contains the control character U+{ord(ch):04X}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def tag_filter_expr(tags: Mapping[str, str]) -> str:
-    """A Milvus boolean expression matching all tags; values are JSON-quoted (milvus-lite has no templates)."""
+    """A Milvus boolean expression matching all tags. Keys are from the safe alphabet and values are quoted with
+    :func:`quote` (the same validation as at store time: whatever can be stored can be filtered)."""
     validate_tags(tags, "tag_filter")
-    return " and ".join(f'tags["{k}"] == {json.dumps(v)}' for k, v in sorted(tags.items()))
+    return " and ".join(f"tags[{quote(k)}] == {quote(v)}" for k, v in sorted(tags.items()))
 
 
 def _encode_page_token(offset: int, filter_expr: str) -> str:
@@ -126,31 +203,115 @@ class PatternStore:
         self.dim = dim
         self.model = model
         self.profile = profile
+        self.collection_prefix = collection_prefix.replace("-", "_")
         self.collection = f"{collection_prefix}_{model}_{profile}".replace("-", "_")
         self._client: Any = None
         self._lock = threading.Lock()  # milvus-lite's local engine is not safe for concurrent writers
         self.ready = False
-        # Trips on Milvus failures (not on bad requests), so an outage answers UNAVAILABLE at once.
-        self.breaker = breaker or AsyncBreaker("milvus", exclude=[InvalidArgument, NotFound])
+        # Trips on Milvus failures (not on bad requests), so an outage answers UNAVAILABLE at once. A full disk is
+        # no outage (reads still work): it is raised as ResourceExhausted, which no breaker counts
+        # (server.resilience.NOT_DOWNSTREAM_FAULTS), so a failed write cannot open the breaker that guards reads.
+        self.breaker = breaker or AsyncBreaker("milvus", exclude=[InvalidArgument, NotFound, ResourceExhausted])
         # Text recall's in-memory view of this store (None: recall queries Milvus); loaded and reconciled by
         # RecallIndex.keep_in_sync, told about this store's writes below.
         self.recall_index = recall_index
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
-    def open(self) -> None:
-        """Connect, create the collection on first use, and load it (a reopened collection must be loaded)."""
+    @property
+    def is_local(self) -> bool:
+        """A milvus-lite directory on this host (else a Milvus server URI)."""
+        return "://" not in self.uri
+
+    def open(self, history: Callable[[], int] | None = None) -> None:
+        """Connect, create the collection on first use, and load it (a reopened collection must be loaded).
+
+        ``history`` counts the workflow records kept beside this store. A store that is damaged, or missing while
+        that history is not empty, is never opened as an empty one: :class:`PatternStoreDamaged` says why (the
+        server then refuses to start). "Missing" means no pattern collection at all: a store that has another
+        model's or profile's collection but not this one's is a first run of this profile, and gets its collection.
+        A local store's files are checked *before* milvus-lite opens them, because its recovery deletes data files
+        that its manifest does not list: opening a store whose manifest is damaged would turn the damage into loss."""
         from pymilvus import MilvusClient
 
-        if "://" not in self.uri:
+        if self.is_local:
+            self._check_local_files(history)
             Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
-        self._client = MilvusClient(self.uri, token=self.token or "")
-        if not self._client.has_collection(self.collection):
-            self._create_collection()
-        else:
-            self._check_dimension()
-        self._client.load_collection(self.collection)
+        try:
+            self._client = MilvusClient(self.uri, token=self.token or "")
+            exists = self._client.has_collection(self.collection)
+            if not exists:
+                if not self.is_local:  # (a local store was checked before it was opened)
+                    others = [c for c in self._client.list_collections() if c.startswith(self.collection_prefix)]
+                    self._refuse_if_missing(history, bool(others), f"Milvus has no {self.collection_prefix}_* "
+                                                                   "collection")
+                self._create_collection()
+            else:
+                self._check_dimension()
+            self._client.load_collection(self.collection)
+            count = self.count_sync()
+        except (PatternStoreError, InvalidArgument):
+            raise
+        except Exception as exc:
+            if not self.is_local and _is_connection_error(exc):
+                raise
+            raise PatternStoreDamaged(f"the pattern store at {self.uri} cannot be opened ({exc}); it is damaged. "
+                                      "Restore it from a backup") from exc
         self.ready = True
-        log.info("pattern store %s ready at %s (%d patterns)", self.collection, self.uri, self.count_sync())
+        log.info("pattern store %s ready at %s (%d patterns)", self.collection, self.uri, count)
+
+    def _refuse_if_missing(self, history: Callable[[], int] | None, has_others: bool, what: str) -> None:
+        """A store without any pattern collection beside a non-empty workflow history was lost, not never made."""
+        if has_others or os.environ.get(ACCEPT_EMPTY_ENV) == "1":
+            return
+        workflows = history() if history is not None else 0
+        if workflows:
+            raise PatternStoreDamaged(
+                f"{what}, but the workflow history beside it has {workflows} record(s): the store is missing or "
+                f"damaged. Restore it from a backup; to start with an empty pattern memory on purpose, set "
+                f"{ACCEPT_EMPTY_ENV}=1")
+
+    def _check_local_files(self, history: Callable[[], int] | None) -> None:
+        """Refuse a milvus-lite store whose files milvus-lite would silently serve as fewer (or no) patterns."""
+        root = Path(self.uri)
+        coll = root / "collections" / self.collection
+        if not coll.exists():
+            others = [d for d in (root / "collections").glob(f"{self.collection_prefix}_*") if d.is_dir()]
+            self._refuse_if_missing(history, bool(others), f"the pattern store {root} "
+                                    f"{'does not exist' if not root.exists() else 'holds no pattern collection'}")
+            return
+        problems: list[str] = []
+        manifest = coll / "manifest.json"
+        data: Any = None
+        try:
+            data = json.loads(manifest.read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except FileNotFoundError:
+            problems.append(f"{manifest} is missing")
+        except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            problems.append(f"{manifest} is unreadable ({type(exc).__name__}: {exc})")
+        try:
+            if not isinstance(json.loads((coll / "schema.json").read_text()), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            problems.append(f"{coll / 'schema.json'} is unreadable ({type(exc).__name__})")
+        if isinstance(data, dict):
+            listed = _manifest_files(coll, data)
+            missing = [str(f) for f in listed if not f.exists()]
+            if missing:
+                problems.append(f"{len(missing)} data file(s) its manifest lists are missing: {', '.join(missing[:3])}")
+            # Files left over by an interrupted compaction hold rows the manifest already has (sequence numbers up
+            # to its current_seq); a file with newer rows than the manifest knows means the manifest is stale.
+            current = data.get("current_seq")
+            known = set(listed)
+            newer = [str(f) for f in sorted(coll.glob("partitions/*/*/*.parquet"))
+                     if f not in known and isinstance(current, int) and (_max_seq(f) or 0) > current]
+            if newer:
+                problems.append(f"{len(newer)} data file(s) hold rows newer than its manifest: {', '.join(newer[:3])}")
+        if problems:
+            raise PatternStoreDamaged(f"the pattern store {root} is damaged: {'; '.join(problems)}. It was not opened "
+                                      "(milvus-lite would serve it as fewer patterns and delete the data files its "
+                                      "manifest no longer lists); restore it from a backup")
 
     def _create_collection(self) -> None:
         from pymilvus import DataType, MilvusClient
@@ -176,7 +337,7 @@ class PatternStore:
             if f.get("name") == "embedding":
                 dim = int(f.get("params", {}).get("dim", self.dim))
                 if dim != self.dim:
-                    raise RuntimeError(
+                    raise PatternStoreError(
                         f"collection {self.collection} holds {dim}-dimensional embeddings but the served model "
                         f"produces {self.dim}; use another --collection-prefix or data dir"
                     )
@@ -205,8 +366,14 @@ class PatternStore:
             except (InvalidArgument, NotFound):
                 raise
             except Exception as exc:
+                if _is_disk_full(exc):
+                    where = Path(self.uri).parent if self.is_local else "the Milvus server"
+                    log.error("pattern store write failed, disk full at %s: %s", where, exc)
+                    raise ResourceExhausted(f"the pattern store's disk is full ({where}); the pattern was not "
+                                            "stored; reads keep working") from exc
                 if _is_connection_error(exc):
-                    raise Unavailable("milvus", str(exc)) from exc
+                    log.warning("milvus call failed: %s", exc)  # the detail (addresses included) stays here
+                    raise Unavailable("milvus", "the pattern store cannot be reached; retry shortly") from exc
                 raise
 
         return await self.breaker.call(call)
@@ -233,7 +400,7 @@ class PatternStore:
             raise InvalidArgument(f"pattern metadata exceeds {MAX_META_BYTES} bytes")
         record = PatternRecord(
             id=str(uuid.uuid4()), model=self.model, profile=self.profile, duration_s=float(duration_s), tags=tags,
-            created_at_us=time.time_ns() // 1000, source=source[:256], metadata=meta,
+            created_at_us=time.time_ns() // 1000, source=_clip_utf8(source, 256), metadata=meta,
         )
         row = {**{k: getattr(record, k) for k in ("id", "model", "profile", "duration_s", "tags", "created_at_us",
                                                    "source", "metadata")}, "embedding": vector}
@@ -243,6 +410,7 @@ class PatternStore:
         return record
 
     async def get(self, pattern_id: str, *, include_embedding: bool = False) -> PatternRecord:
+        check_pattern_id(pattern_id)
         fields = SCALAR_FIELDS + (["embedding"] if include_embedding else [])
         rows = await self._run(lambda: self._client.get(self.collection, ids=[pattern_id], output_fields=fields))
         if not rows:
@@ -250,6 +418,8 @@ class PatternStore:
         return PatternRecord.from_row(rows[0])
 
     async def delete(self, pattern_id: str) -> None:
+        check_pattern_id(pattern_id)
+
         def op() -> bool:
             if not self._client.get(self.collection, ids=[pattern_id], output_fields=["id"]):
                 return False
@@ -268,7 +438,7 @@ class PatternStore:
             raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
         clauses = [tag_filter_expr(tag_filter)] if tag_filter else []
         if exclude_id:
-            clauses.append(f"id != {json.dumps(exclude_id)}")
+            clauses.append(f"id != {quote(check_pattern_id(exclude_id, 'exclude_id'))}")
         expr = " and ".join(clauses)
         rows = await self._run(lambda: self._client.search(
             self.collection, data=[vec], limit=top_k, filter=expr, output_fields=SCALAR_FIELDS,
@@ -284,6 +454,8 @@ class PatternStore:
     async def get_many(self, ids: Sequence[str], *, include_embedding: bool = False) -> list[PatternRecord]:
         if not ids:
             return []
+        for pattern_id in ids:
+            check_pattern_id(pattern_id)
         fields = SCALAR_FIELDS + (["embedding"] if include_embedding else [])
         return await self._run(lambda: _records(self._client.get(self.collection, ids=list(ids),
                                                                  output_fields=fields)))
@@ -346,6 +518,47 @@ def _records(rows: Sequence[Mapping[str, Any]]) -> list[PatternRecord]:
     """Rows to records, called in the worker thread: converting thousands of vectors' floats is milliseconds that
     the event loop should not spend."""
     return [PatternRecord.from_row(r) for r in rows]
+
+
+def _manifest_files(coll: Path, manifest: Mapping[str, Any]) -> list[Path]:
+    """The data and delta files a milvus-lite manifest lists (paths relative to the partition directory)."""
+    out: list[Path] = []
+    partitions = manifest.get("partitions")
+    if not isinstance(partitions, Mapping):
+        return out
+    for name, entry in partitions.items():
+        if not isinstance(entry, Mapping):
+            continue
+        for key in ("data_files", "delta_files"):
+            files = entry.get(key) or []
+            if isinstance(files, list):
+                out.extend(coll / "partitions" / str(name) / str(f) for f in files if isinstance(f, str))
+    return out
+
+
+def _max_seq(path: Path) -> int | None:
+    """The last sequence number in a milvus-lite data/delta file name (``data_000001_000005.parquet`` -> 5)."""
+    m = re.fullmatch(r"(?:data|delta)_\d+_(\d+)\.parquet", path.name)
+    return int(m.group(1)) if m else None
+
+
+def _clip_utf8(text: str, limit: int) -> str:
+    """At most ``limit`` UTF-8 bytes of ``text`` (VARCHAR lengths are bytes in Milvus), cut between characters."""
+    return text.encode("utf-8", "surrogatepass")[:limit].decode("utf-8", "ignore")
+
+
+def _is_disk_full(exc: Exception) -> bool:
+    """ENOSPC/EDQUOT in this process (milvus-lite) or Milvus's own disk quota, however pymilvus wraps it."""
+    chain: list[BaseException] = []
+    link: BaseException | None = exc
+    while link is not None and all(link is not c for c in chain):  # pymilvus raises `e from e`: a cycle
+        chain.append(link)
+        if isinstance(link, OSError) and link.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        link = link.__cause__ or link.__context__
+    text = str(exc).lower()
+    return any(s in text for s in ("no space left on device", "errno 28]", "disk quota exceeded", "errno 122]",
+                                   "diskquotaexceeded"))
 
 
 def _is_connection_error(exc: Exception) -> bool:

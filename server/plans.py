@@ -29,7 +29,7 @@ from typing import Any, Literal
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
-from server.errors import InvalidArgument
+from server.errors import InvalidArgument, public_message
 from server.patterns import PatternRecord
 from server.settings import REPO_ROOT
 
@@ -948,7 +948,9 @@ def choose_plan(answer: str | None, request: str, recalled: Sequence[PatternReco
     reason ("no JSON in the answer", "schema violation: ...", "coordinator unavailable: ...") so that every
     fallback is visible in the workflow record and the event stream."""
     if answer is None:
-        reason = f"coordinator unavailable: {coordinator_error or 'no answer'}"
+        # The reason is shown to clients and stored: no endpoint address or exception class in it (the coordinator
+        # backend logged the full error with the request id).
+        reason = f"coordinator unavailable: {public_message(coordinator_error or 'no answer')}"
     else:
         data = extract_plan(answer)
         if data is None:

@@ -5,8 +5,10 @@ pybreaker's ``call`` is synchronous and holds a lock around the guarded function
 tornado, so neither works with ``grpc.aio``. :class:`AsyncBreaker` keeps pybreaker as the state machine (states,
 counters, listeners) and drives it around an ``await``: it admits a call from the current state (one probe at a
 time when half-open), awaits the coroutine outside any lock, then replays the outcome through ``breaker.call``
-so pybreaker's own rules (excluded exceptions, thresholds, transitions) decide. Cancellations and client errors
-are never counted as failures.
+so pybreaker's own rules (thresholds, transitions) decide. Only downstream faults count
+(:func:`is_downstream_fault`): a client's bad input, its cancellation or its deadline, and a timeout of ours on work
+that was merely long, neither count as failures nor as successes: they leave the breaker exactly as it was, so no
+client can open a shared breaker, and a half-open breaker waits for a real probe.
 """
 
 from __future__ import annotations
@@ -23,12 +25,36 @@ from typing import TypeVar
 
 import pybreaker
 
-from server.errors import ResourceExhausted, Unavailable
+from server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+    Unavailable,
+)
 from server.metrics import BREAKER_STATE_VALUES, Metrics
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+# Outcomes that say nothing about a downstream's health: the request was wrong (INVALID_ARGUMENT, NOT_FOUND,
+# OUT_OF_RANGE, FAILED_PRECONDITION), the caller went away or ran out of time (CANCELLED, DEADLINE_EXCEEDED, also
+# when our own per-call or idle timeout fired on long work), or the downstream shed load (RESOURCE_EXHAUSTED: it
+# answered; retries and admission control handle overload, a breaker would only make it worse).
+NOT_DOWNSTREAM_FAULTS: tuple[type[BaseException], ...] = (
+    InvalidArgument, NotFound, OutOfRange, FailedPrecondition, Cancelled, DeadlineExceeded, ResourceExhausted,
+    asyncio.CancelledError, GeneratorExit, KeyboardInterrupt,
+)
+
+
+def is_downstream_fault(exc: BaseException) -> bool:
+    """Whether a failure may count against a downstream's breaker (see NOT_DOWNSTREAM_FAULTS)."""
+    return not isinstance(exc, NOT_DOWNSTREAM_FAULTS)
 
 
 class _MetricsListener(pybreaker.CircuitBreakerListener):
@@ -53,6 +79,7 @@ class AsyncBreaker:
     def __init__(self, name: str, *, fail_max: int = 5, reset_timeout_s: float = 10.0,
                  exclude: Iterable[type[BaseException]] = (), metrics: Metrics | None = None) -> None:
         self.name = name
+        self._exclude = tuple(exclude)
         self.breaker = pybreaker.CircuitBreaker(
             fail_max=fail_max, reset_timeout=reset_timeout_s, exclude=list(exclude),
             listeners=[_MetricsListener(metrics, name)], name=name,
@@ -86,8 +113,17 @@ class AsyncBreaker:
             return True
         return False
 
+    def counts(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is a failure of this downstream (never a client's error, cancellation or deadline)."""
+        if not is_downstream_fault(exc):
+            return False
+        return not any(isinstance(exc, e) if isinstance(e, type) else e(exc) for e in self._exclude)
+
     def record(self, exc: BaseException | None) -> None:
-        """Feed an outcome to pybreaker's state machine without re-running anything."""
+        """Feed an outcome to pybreaker's state machine without re-running anything. A failure that is not the
+        downstream's changes nothing: not the failure count, not the state (it is not a success either)."""
+        if exc is not None and not self.counts(exc):
+            return
 
         def replay() -> None:
             if exc is not None:
@@ -229,6 +265,42 @@ class MemoryBudget:
             self.used -= nbytes
             self._publish()
 
+    def hold(self, what: str = "request") -> "BudgetHold":
+        """An incremental reservation for memory that grows and shrinks (a stream's buffer): starts at 0 bytes,
+        :meth:`BudgetHold.resize` charges or frees the difference, leaving the ``with`` frees the rest."""
+        return BudgetHold(self, what)
+
     def _publish(self) -> None:
         if self.metrics:
             self.metrics.inflight_bytes.set(self.used)
+
+
+class BudgetHold:
+    """Bytes one request holds in a :class:`MemoryBudget`, resized as it goes (see :meth:`MemoryBudget.hold`)."""
+
+    def __init__(self, budget: MemoryBudget, what: str) -> None:
+        self.budget = budget
+        self.what = what
+        self.nbytes = 0
+
+    def resize(self, nbytes: int) -> None:
+        """Hold ``nbytes`` from now on; growing past the budget is RESOURCE_EXHAUSTED (the hold is unchanged)."""
+        grow = nbytes - self.nbytes
+        b = self.budget
+        if grow > 0 and b.used + grow > b.limit:
+            if b.metrics:
+                b.metrics.rpc_rejected.labels(self.what, "memory").inc()
+            raise ResourceExhausted(f"{self.what} needs {nbytes} bytes in flight and the in-flight memory budget is "
+                                    f"spent ({b.used}/{b.limit} bytes); retry later")
+        b.used += grow
+        self.nbytes = nbytes
+        b._publish()
+
+    def release(self) -> None:
+        self.resize(0)
+
+    def __enter__(self) -> "BudgetHold":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()

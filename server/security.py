@@ -1,13 +1,18 @@
-"""Transport security: optional TLS/mTLS credentials and an optional bearer-token check.
+"""Transport security: optional TLS/mTLS credentials, an optional bearer-token check, and the secret header the
+orchestrator sends to its own (restricted) Triton.
 
 Health checks stay open (Kubernetes probes carry no token); every other method, reflection included, needs
-``authorization: Bearer <token>`` when a token is configured. Tokens are compared in constant time.
+``authorization: Bearer <token>`` when a token is configured. Tokens are compared in constant time. The token
+comes from ``--auth-token-file`` or ``GRYM_AUTH_TOKEN`` (``--auth-token`` works but shows in ``ps``). See
+docs/security.md for the threat model.
 """
 
 from __future__ import annotations
 
+import functools
 import hmac
-from collections.abc import Awaitable, Callable
+import inspect
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -66,3 +71,38 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         message = ("missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
                    if given else "this server requires a bearer token: send metadata 'authorization: Bearer <token>'")
         return _deny_stream(message, handler) if handler else _deny(message)
+
+
+class WithHeaders:
+    """Wraps a ``tritonclient`` (grpc or grpc.aio) client so that every call carrying ``headers`` also sends
+    ``extra`` (the secret a restricted Triton demands). ``extra`` is read at call time, so a dict updated in place
+    (:attr:`server.triton_process.EmbeddedTriton.auth_headers`, new at each Triton start) is followed."""
+
+    def __init__(self, client: Any, extra: Mapping[str, str]) -> None:
+        self._client = client
+        self._extra = extra
+        self._takes_headers: dict[str, bool] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+        if name not in self._takes_headers:
+            try:
+                self._takes_headers[name] = "headers" in inspect.signature(attr).parameters
+            except (TypeError, ValueError):
+                self._takes_headers[name] = False
+        if not self._takes_headers[name]:
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            kwargs["headers"] = {**self._extra, **(kwargs.get("headers") or {})}
+            return attr(*args, **kwargs)
+
+        return call
+
+
+def with_headers(client: Any, extra: Mapping[str, str] | None) -> Any:
+    """``client`` itself when there is nothing to add, else a :class:`WithHeaders` around it."""
+    return WithHeaders(client, extra) if extra is not None else client

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,7 +28,7 @@ from server.audio import Audio, decode_pcm, decode_wav, to_mono_16k
 from server import protocol
 from server.compose import ComposeService, Features, Finished, PlanChosen, new_workflow_id
 from server.coordinator_backends import TokenEvent
-from server.errors import GrymError, InvalidArgument, Unavailable
+from server.errors import GrymError, InvalidArgument, Unavailable, public_message
 from server.pattern_learning import detect_clusters, rate_pattern
 from server.workflow import StepCancelled, StepFailed, StepFinished, StepProgress, StepStarted
 from server.workflow_store import WorkflowState
@@ -34,7 +36,7 @@ from server.generation import AudioData, GenerateParams, GenerationService, Prog
 from server.generation import validate as validate_generation
 from server.logs import request_id_var
 from server.metrics import Metrics
-from server.patterns import PatternRecord, PatternStore
+from server.patterns import PatternRecord, PatternStore, check_pattern_id
 from server.resilience import AdmissionControl
 
 log = logging.getLogger(__name__)
@@ -81,8 +83,10 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
     """Handlers are built once at start-up; they hold references to the serving objects only."""
 
     def __init__(self, analysis: AnalysisService, store: PatternStore, admission: AdmissionControl, gate: Gate,
-                 metrics: Metrics, generation: GenerationService, compose: ComposeService) -> None:
+                 metrics: Metrics, generation: GenerationService, compose: ComposeService, *,
+                 write_timeout_s: float = 30.0) -> None:
         self.analysis = analysis
+        self.write_timeout_s = write_timeout_s
         self.generation = generation
         self.compose = compose
         self.store = store
@@ -103,12 +107,20 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             self.gate.check()
             with self.admission.admit(method):
                 yield scope
-        except GrymError as exc:
+        except (GrymError, OverflowError) as exc:
+            if isinstance(exc, OverflowError):  # a number too large for its field (int64 seed, float32...)
+                log.info("%s: a number overflowed", method, exc_info=True)
+                exc = InvalidArgument("a number in the request is out of range for its field")
             scope.code = exc.code
             log.info("%s failed: %s: %s", method, exc.code.name, exc.message)
+            # The traceback's frames hold the request's arrays (audio, stream buffers): drop them now rather than
+            # when the garbage collector finds the cycle, so a refused request frees its memory at once.
+            exc.__traceback__ = None
             if requests is not None:
                 await _drain(requests)
-            await context.abort(exc.code, f"{exc.message} [request_id={scope.request_id or '-'}]")
+            # The last guard against leaks: no peer address, gRPC dump or repr reaches the client (the log above
+            # keeps the full message, with the request id).
+            await context.abort(exc.code, f"{public_message(exc.message)} [request_id={scope.request_id or '-'}]")
         except grpc.aio.AbortError:
             raise
         except BaseException as exc:
@@ -116,16 +128,53 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                 scope.code = grpc.StatusCode.CANCELLED
                 raise
             scope.code = grpc.StatusCode.INTERNAL
-            log.exception("%s crashed", method)
+            log.exception("%s crashed", method)  # type, message and traceback: in the log, with the request id
+            exc.__traceback__ = None
             await context.abort(grpc.StatusCode.INTERNAL,
-                                f"internal error ({type(exc).__name__}); quote request_id={scope.request_id} "
-                                "when reporting it")
+                                f"internal error; quote request_id={scope.request_id or '-'} when reporting it")
         finally:
             self.metrics.rpc_requests.labels(method, scope.code.name).inc()
             # The request id rides along as an OpenMetrics exemplar: traceable without a label per request.
             exemplar = {"request_id": scope.request_id[:64]} if scope.request_id else None
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - started, exemplar=exemplar)
             request_id_var.reset(token)
+
+    # --- the one streaming write path ------------------------------------------------------------------------------
+    async def _write_all(self, context: grpc.aio.ServicerContext, responses: AsyncIterator[Any]) -> None:
+        """Write a server stream's responses, each within ``write_timeout_s``, and always close the producer.
+
+        grpc.aio's ``write`` waits while the client's flow-control window is full (a client that stopped reading
+        takes the few MB the transport buffers, then every write blocks): past the timeout the producer is closed
+        at once (its admission slot, memory budget and Triton work are released by its ``finally`` blocks) and the
+        call ends with DEADLINE_EXCEEDED. The status reaches a client whose window had room; with the message
+        itself still stuck in the window, gRPC core accepts no status (grpc.aio has no server-side cancel), so such
+        a client sees the call end at its own deadline or when it goes away; the server holds nothing for it.
+        Driving the handler's generator here, rather than letting grpc.aio iterate it, also closes it
+        deterministically (``aclosing``) when the client cancels or a write times out, instead of leaving a
+        generator suspended at ``yield`` to the event loop's finaliser (or to the garbage collector when a reference
+        cycle holds it), with its slot and its work pinned until then."""
+        timed_out: Any = None
+        async with contextlib.aclosing(responses) as stream:
+            async for message in stream:
+                try:
+                    await asyncio.wait_for(context.write(message), self.write_timeout_s)
+                except TimeoutError:
+                    timed_out = message
+                    break
+        if timed_out is None:
+            return
+        rid = getattr(timed_out, "request_id", "") or "-"
+        log.warning("the client took no response message for %.1f s (stream_write_timeout_s): call ended "
+                    "[request_id=%s]", self.write_timeout_s, rid)
+        try:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                                f"the client read no response message for {self.write_timeout_s:g} s "
+                                f"(stream_write_timeout_s); the call was ended [request_id={rid}]")
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # the stuck message blocks the status too: nothing more can be sent
+            log.info("no status could be sent after the write timeout (%s) [request_id=%s]", exc, rid)
+            raise asyncio.CancelledError() from None
 
     # --- conversions ----------------------------------------------------------------------------------------------
     def _audio(self, audio: common_pb2.AudioInput) -> Audio:
@@ -180,7 +229,11 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             )
 
     async def StreamAnalyze(self, request_iterator: AsyncIterator[pb.StreamAnalyzeRequest],
-                            context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamAnalyzeResponse]:
+                            context: grpc.aio.ServicerContext) -> None:
+        await self._write_all(context, self._stream_analyze(request_iterator, context))
+
+    async def _stream_analyze(self, request_iterator: AsyncIterator[pb.StreamAnalyzeRequest],
+                              context: grpc.aio.ServicerContext) -> AsyncIterator[pb.StreamAnalyzeResponse]:
         first = await anext(aiter(request_iterator), None)
         given = first.request_id if first is not None else ""
         async with self.rpc_scope("StreamAnalyze", context, given, requests=request_iterator) as scope:
@@ -219,8 +272,11 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             frames=a.frames, embedding=a.embedding.tolist(), features=self._features(a.features),
         )
 
-    async def Generate(self, request: pb.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._write_all(context, self._generate(request, context))
+
+    async def _generate(self, request: pb.GenerateRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         async with self.rpc_scope("Generate", context, request.request_id) as scope:
             params = _generate_params(request, self.generation.max_duration_s)
             rid = scope.request_id
@@ -238,8 +294,11 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                         frames=event.frames, embedding=event.embedding.tolist(),
                         pattern_id=event.pattern.id if event.pattern else "", cached=event.cached))
 
-    async def Compose(self, request: pb.ComposeRequest,
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ComposeResponse]:
+    async def Compose(self, request: pb.ComposeRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._write_all(context, self._compose(request, context))
+
+    async def _compose(self, request: pb.ComposeRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ComposeResponse]:
         async with self.rpc_scope("Compose", context, request.request_id) as scope:
             rid, wid = scope.request_id, new_workflow_id()
             step_types: dict[str, str] = {}
@@ -309,8 +368,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             if query == "embedding":
                 vector = list(request.embedding.values)
             elif query == "pattern_id":
-                if not request.pattern_id:
-                    raise InvalidArgument("pattern_id is empty")
+                _require_id(request.pattern_id)
                 anchor = await self.store.get(request.pattern_id, include_embedding=True)
                 vector, exclude = anchor.embedding or [], anchor.id
             else:
@@ -423,10 +481,104 @@ def _generate_params(request: pb.GenerateRequest, max_duration_s: float) -> Gene
 
 
 def _require_id(pattern_id: str) -> None:
-    if not pattern_id:
-        raise InvalidArgument("pattern_id is required")
-    if len(pattern_id) > 64:
-        raise InvalidArgument("pattern_id is longer than 64 characters; pattern ids are UUIDs")
+    """Pattern ids are checked by their issued format (a UUID) before anything else; the store checks again."""
+    check_pattern_id(pattern_id)
+
+
+class _Undecodable:
+    """What the lenient deserializer hands the handler in place of a request that did not parse."""
+
+    def __init__(self, full_name: str) -> None:
+        self.message = f"request is not a valid {full_name} message"
+
+
+def _lenient(message_type: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: grpc.aio answers a deserializer's exception with UNKNOWN
+    ("Unexpected error"), so a parse failure is handed to the handler, which answers INVALID_ARGUMENT."""
+    full_name = message_type.DESCRIPTOR.full_name
+
+    def parse(raw: bytes) -> Any:
+        try:
+            return message_type.FromString(raw)
+        except Exception:  # DecodeError (corrupt wire format, bad UTF-8 in a string), or anything a bad message raises
+            return _Undecodable(full_name)
+
+    return parse
+
+
+def _checked(behavior: Any, handler: grpc.RpcMethodHandler) -> Any:
+    """``behavior`` (a generated handler's servicer method) refusing undecodable requests with INVALID_ARGUMENT.
+    Unary requests are checked before the servicer runs; a request stream is checked message by message as the
+    servicer reads it (an InvalidArgument the servicer's error scope reports, or, for a message read before that
+    scope is entered, this wrapper)."""
+    async def refuse(bad: _Undecodable, context: grpc.aio.ServicerContext) -> None:
+        log.info("request refused: %s", bad.message)
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, bad.message)
+
+    async def requests(source: AsyncIterator[Any]) -> AsyncIterator[Any]:
+        async for message in source:
+            if isinstance(message, _Undecodable):
+                raise InvalidArgument(message.message)
+            yield message
+
+    if handler.request_streaming:
+        if inspect.isasyncgenfunction(behavior):
+            async def stream_gen(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                try:
+                    async for response in behavior(requests(request_iterator), context):
+                        yield response
+                except GrymError as exc:  # raised before the servicer's own error scope
+                    await context.abort(exc.code, exc.message)
+            return stream_gen
+
+        async def stream_call(request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await behavior(requests(request_iterator), context)
+            except GrymError as exc:  # raised before the servicer's own error scope
+                await context.abort(exc.code, exc.message)
+        return stream_call
+
+    if inspect.isasyncgenfunction(behavior):
+        async def unary_gen(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                await refuse(request, context)
+            async for response in behavior(request, context):
+                yield response
+        return unary_gen
+
+    async def unary_call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            await refuse(request, context)
+        return await behavior(request, context)
+    return unary_call
+
+
+def add_to_server(service: OrchestratorService, server: grpc.aio.Server) -> None:
+    """Register ``service`` like the generated ``add_OrchestratorServicer_to_server``, with request bytes that do
+    not parse answered INVALID_ARGUMENT ("request is not a valid grym.v1.XRequest message") instead of grpc.aio's
+    UNKNOWN. The generated registration is reused (captured), so every RPC of the proto is covered."""
+    captured: dict[str, grpc.RpcMethodHandler] = {}
+
+    class Capture:
+        def add_generic_rpc_handlers(self, handlers: Any) -> None:
+            pass
+
+        def add_registered_method_handlers(self, name: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+            captured.update(handlers)
+
+    pb_grpc.add_OrchestratorServicer_to_server(service, Capture())
+    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    for method, handler in captured.items():
+        kind = ("stream_stream" if handler.request_streaming and handler.response_streaming else
+                "stream_unary" if handler.request_streaming else
+                "unary_stream" if handler.response_streaming else "unary_unary")
+        behavior = getattr(handler, kind)
+        message_type = handler.request_deserializer.__self__  # the generated XRequest.FromString's class
+        handlers[method] = handler._replace(request_deserializer=_lenient(message_type),
+                                            **{kind: _checked(behavior, handler)})
+    service_name = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service_name, handlers),))
+    server.add_registered_method_handlers(service_name, handlers)
 
 
 def _encoding(value: int) -> str:

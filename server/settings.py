@@ -52,8 +52,36 @@ class Settings(BaseSettings):
         True, description="Embedded Triton: run one CPU component model at a time (--rate-limit=execution_count) "
                           "instead of letting several split the cores."
     )
+    triton_models: str = Field(
+        "", description="Embedded Triton: the models to build and load, comma-separated (default: all that the "
+                        "orchestrator serves; wav2vec2 alone serves analysis)."
+    )
+    triton_http: bool = Field(
+        False, description="Embedded Triton: also serve HTTP (on the gRPC host; nothing here needs it)."
+    )
+    triton_restrict: bool = Field(
+        True, description="Embedded Triton: every gRPC API group demands a random per-start secret header "
+                          "(--grpc-restricted-protocol) that only the orchestrator knows."
+    )
+    triton_secret_file: Path | None = Field(
+        None, description="External Triton started with --grpc-restricted-protocol=<groups>:grym-triton-key=<secret>: "
+                          "the file holding that secret."
+    )
+    triton_supervise: bool = Field(True, description="Embedded Triton: restart it when it dies.")
+    triton_restart_backoff_s: float = Field(
+        1.0, gt=0, description="Embedded Triton: first restart delay; doubles per failed or unstable restart."
+    )
+    triton_restart_backoff_max_s: float = Field(30.0, gt=0, description="Embedded Triton: longest restart delay.")
     triton_channels: int = Field(2, ge=1, le=64, description="gRPC channels pooled to Triton.")
-    triton_timeout_s: float = Field(30.0, gt=0, description="Default deadline of one Triton call.")
+    triton_timeout_s: float = Field(
+        30.0, gt=0, description="Timeout of one unary Triton inference (a stream is bounded by triton_idle_timeout_s "
+                                "between responses instead); the client's deadline, when nearer, wins."
+    )
+    triton_idle_timeout_s: float = Field(
+        120.0, gt=0, description="Longest wait for the next response of a streaming (decoupled) Triton model, e.g. one "
+                                 "denoising step; past it the call ends with DEADLINE_EXCEEDED. The whole stream is "
+                                 "bounded only by the client's deadline."
+    )
 
     # --- coordinator and workflows -------------------------------------------------------------------------------
     coordinator_backend: Literal["triton", "openai", "none"] = Field(
@@ -93,6 +121,18 @@ class Settings(BaseSettings):
     method_limits: str = Field(
         "", description="Per-method concurrency limits overriding the default, e.g. 'AnalyzeAudio=32,Generate=4'."
     )
+    max_concurrent_generations: int = Field(
+        8, ge=1, description="AudioLDM generations running at once, Generate and Compose steps together (one shared "
+                             "limit: Generate past it is RESOURCE_EXHAUSTED, a Compose's steps wait for a slot)."
+    )
+    max_stream_buffer_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024, description="Most audio one StreamAnalyze call may buffer (charged to the in-flight "
+                                               "memory budget); a config whose window needs more is refused."
+    )
+    stream_write_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for a client to take one streamed response message (window full): past "
+                                "it the call ends with DEADLINE_EXCEEDED and frees its slot."
+    )
 
     # --- caching ------------------------------------------------------------------------------------------------
     cache_max_entries: int = Field(1024, ge=0, description="Deterministic results kept in memory (0 disables).")
@@ -107,7 +147,13 @@ class Settings(BaseSettings):
     tls_cert: Path | None = Field(None, description="PEM server certificate; with --tls-key enables TLS.")
     tls_key: Path | None = Field(None, description="PEM private key of the server certificate.")
     tls_client_ca: Path | None = Field(None, description="PEM CA bundle; when set, clients need a certificate (mTLS).")
-    auth_token: str | None = Field(None, description="Bearer token required on every RPC except health checks.")
+    auth_token: str | None = Field(
+        None, description="Bearer token required on every RPC except health checks. Prefer GRYM_AUTH_TOKEN or "
+                          "--auth-token-file: a --auth-token flag is visible to every local user in ps."
+    )
+    auth_token_file: Path | None = Field(
+        None, description="File holding the bearer token (first line; keep it mode 0600)."
+    )
 
     @property
     def method_limit_map(self) -> dict[str, int]:
@@ -119,6 +165,22 @@ class Settings(BaseSettings):
                 raise ValueError(f"method_limits entry {item!r} is not METHOD=POSITIVE_INT")
             out[name.strip()] = int(value)
         return out
+
+    @property
+    def triton_model_list(self) -> tuple[str, ...]:
+        """``triton_models`` parsed (empty: every model the orchestrator serves)."""
+        from server.export.repository import ALL_MODELS
+
+        names = tuple(filter(None, (x.strip() for x in self.triton_models.split(","))))
+        unknown = [n for n in names if n not in ALL_MODELS]
+        if unknown:
+            raise ValueError(f"triton_models: unknown {unknown}; known: {', '.join(ALL_MODELS)}")
+        return names
+
+    @property
+    def triton_secret(self) -> str | None:
+        """The external Triton's secret (triton_secret_file), None when not set."""
+        return _read_secret(self.triton_secret_file, "triton_secret_file") if self.triton_secret_file else None
 
     @property
     def embedded_triton(self) -> bool:
@@ -152,7 +214,29 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        if self.auth_token_file is not None:
+            if self.auth_token:
+                raise ValueError("auth_token and auth_token_file exclude each other")
+            self.auth_token = _read_secret(self.auth_token_file, "auth_token_file")
+        if self.auth_token is not None and not self.auth_token.strip():
+            raise ValueError("auth_token is empty")
+        if self.triton_secret_file is not None and self.triton_url is None:
+            raise ValueError("triton_secret_file is for an external Triton (triton_url); the embedded one makes "
+                             "its own")
+        self.triton_model_list  # validate early
         if self.coordinator_backend == "openai" and not self.coordinator_openai_url:
             raise ValueError("coordinator_backend=openai needs coordinator_openai_url")
         self.method_limit_map  # validate early: a typo should stop start-up, not the first request
         return self
+
+
+def _read_secret(path: Path, field: str) -> str:
+    """The first line of a secret file, stripped; a missing or empty file is a configuration error."""
+    try:
+        lines = Path(path).expanduser().read_text().splitlines()
+    except OSError as exc:
+        raise ValueError(f"{field}: cannot read {path}: {exc.strerror}") from None
+    secret = lines[0].strip() if lines else ""
+    if not secret:
+        raise ValueError(f"{field}: {path} is empty")
+    return secret

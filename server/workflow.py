@@ -53,7 +53,7 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from server.errors import Cancelled, FailedPrecondition, GrymError
+from server.errors import Cancelled, FailedPrecondition, GrymError, public_message
 from server.pattern_learning import FeedbackStore, rank_recalled, recall_for_request
 from server.patterns import PatternRecord, PatternStore
 from server.plans import (AUDIO_STEPS, GENERATE_DEFAULTS, GENERATE_KEYS, MAX_SEGMENT_S, Plan, Ref, Step,
@@ -439,13 +439,16 @@ def summarize_outputs(outputs: Mapping[str, Any]) -> dict[str, Any]:
 
 # --- errors ---------------------------------------------------------------------------------------------------------
 def describe_error(exc: BaseException) -> tuple[str, str]:
-    """(gRPC code name, message) for an executor failure; unexpected exceptions are bugs and are logged."""
+    """(gRPC code name, message) for an executor failure; unexpected exceptions are bugs and are logged.
+
+    The message is stored in the workflow record and streamed to the client, so it gets the same treatment as a
+    status message: no addresses, reprs or exception class names (the log keeps the full error)."""
     if isinstance(exc, GrymError):
-        return exc.code.name, exc.message
+        return exc.code.name, public_message(exc.message)
     if isinstance(exc, TimeoutError):
         return "DEADLINE_EXCEEDED", "the step ran past its deadline"
     log.error("step failed with an unexpected error", exc_info=exc)
-    return "INTERNAL", f"{type(exc).__name__}: {exc}"
+    return "INTERNAL", "internal error in the step; the server log has the details under the request id"
 
 
 def _cancel_requested() -> bool:

@@ -28,6 +28,7 @@ import builtins
 import concurrent.futures
 import json
 import logging
+import re
 import socket
 import sqlite3
 import threading
@@ -50,6 +51,10 @@ MAX_SUMMARY_BYTES = 16_384
 MAX_ERROR_CHARS = 4_096
 MAX_REQUEST_CHARS = 8_192
 MAX_PAGE_SIZE = 500
+# Workflow ids are issued as UUIDs (server.compose.new_workflow_id); the store accepts that and the short safe ids
+# tools and tests use ("wf-1"). Every query passes ids as placeholders; the format check keeps arbitrary client
+# text (quotes, NUL, megabytes) from reaching the database at all.
+WORKFLOW_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}")
 DEFAULT_STALE_AFTER_S = 120.0
 
 
@@ -73,6 +78,17 @@ class StepState(str, Enum):
 
 ACTIVE_STATES = (WorkflowState.PENDING, WorkflowState.RUNNING)
 TERMINAL_STEP_STATES = (StepState.SUCCEEDED, StepState.FAILED, StepState.CANCELLED, StepState.INTERRUPTED)
+
+
+def check_workflow_id(workflow_id: object, what: str = "workflow_id") -> str:
+    """The id if it has the issued format; INVALID_ARGUMENT otherwise."""
+    if not workflow_id:
+        raise InvalidArgument(f"{what} is required")
+    if not isinstance(workflow_id, str) or not WORKFLOW_ID.fullmatch(workflow_id):
+        shown = repr(workflow_id)
+        shown = shown if len(shown) <= 40 else shown[:40] + "...'"
+        raise InvalidArgument(f"{what} must be a workflow id as returned by Compose (a UUID), got {shown}")
+    return workflow_id
 
 
 def now_us() -> int:
@@ -417,6 +433,7 @@ class SqlWorkflowStore(WorkflowStore):
 
     # writes
     async def create(self, record: WorkflowRecord) -> None:
+        check_workflow_id(record.id)
         created = record.created_at_us or now_us()
         record.created_at_us = record.updated_at_us = created
         record.heartbeat_at_us = created
@@ -441,6 +458,7 @@ class SqlWorkflowStore(WorkflowStore):
         await self.db.run(op)
 
     async def update_state(self, workflow_id: str, state: WorkflowState) -> None:
+        check_workflow_id(workflow_id)
         def op(conn: Any) -> None:
             cur = self.db.execute(conn, "UPDATE workflows SET state = ?, updated_at_us = ?, heartbeat_at_us = ? "
                                         "WHERE id = ?", (state.value, now_us(), now_us(), workflow_id))
@@ -449,6 +467,7 @@ class SqlWorkflowStore(WorkflowStore):
         await self.db.run(op)
 
     async def update_step(self, workflow_id: str, step: StepRecord) -> None:
+        check_workflow_id(workflow_id)
         def op(conn: Any) -> None:
             self.db.execute(conn, _UPSERT_STEP, _step_row(workflow_id, self._position(conn, workflow_id, step),
                                                           step))
@@ -468,6 +487,7 @@ class SqlWorkflowStore(WorkflowStore):
     async def finish(self, workflow_id: str, state: WorkflowState, *, steps: Iterable[StepRecord],
                      summary: Mapping[str, Any] | None = None, error: str | None = None,
                      error_code: str | None = None) -> None:
+        check_workflow_id(workflow_id)
         steps = list(steps)
 
         def op(conn: Any) -> None:
@@ -484,6 +504,7 @@ class SqlWorkflowStore(WorkflowStore):
         await self.db.run(op)
 
     async def heartbeat(self, workflow_id: str) -> None:
+        check_workflow_id(workflow_id)
         await self.db.run(lambda conn: self.db.execute(
             conn, "UPDATE workflows SET heartbeat_at_us = ? WHERE id = ?", (now_us(), workflow_id)))
 
@@ -520,7 +541,13 @@ class SqlWorkflowStore(WorkflowStore):
         return ids
 
     # reads
+    def count_sync(self) -> int:
+        """How many workflow records the history holds (the pattern store's integrity check at start-up)."""
+        row = self.db.run_sync(lambda conn: self.db.execute(conn, "SELECT COUNT(*) FROM workflows").fetchone())
+        return int(row[0]) if row else 0
+
     async def get(self, workflow_id: str) -> WorkflowRecord:
+        check_workflow_id(workflow_id)
         def op(conn: Any) -> WorkflowRecord:
             row = self.db.execute(conn, f"SELECT {_WF_COLUMNS} FROM workflows WHERE id = ?",
                                   (workflow_id,)).fetchone()

@@ -19,6 +19,7 @@ from grym.v1 import common_pb2, orchestrator_pb2 as pb
 from support import tone, wav_bytes
 
 C = grpc.StatusCode
+UNKNOWN_ID = "00000000-0000-4000-8000-000000000000"  # a well-formed pattern id that no pattern has
 
 
 def pcm(samples: np.ndarray, rate: int = 16_000, channels: int = 1, enc: int = 1) -> common_pb2.AudioInput:
@@ -96,10 +97,12 @@ CASES = [
          "does not exist"),
     Case("search top_k too large", search(embedding=common_pb2.Embedding(values=[0.1] * 32), top_k=1000),
          C.INVALID_ARGUMENT, "top_k"),
-    Case("get unknown pattern", lambda c: c.stub.GetPattern(pb.GetPatternRequest(pattern_id="nope")), C.NOT_FOUND,
+    Case("get unknown pattern", lambda c: c.stub.GetPattern(pb.GetPatternRequest(pattern_id=UNKNOWN_ID)), C.NOT_FOUND,
          "does not exist"),
+    Case("get malformed pattern id", lambda c: c.stub.GetPattern(pb.GetPatternRequest(pattern_id="nope")),
+         C.INVALID_ARGUMENT, "a UUID"),
     Case("get without id", lambda c: c.stub.GetPattern(pb.GetPatternRequest()), C.INVALID_ARGUMENT, "required"),
-    Case("delete unknown pattern", lambda c: c.stub.DeletePattern(pb.DeletePatternRequest(pattern_id="nope")),
+    Case("delete unknown pattern", lambda c: c.stub.DeletePattern(pb.DeletePatternRequest(pattern_id=UNKNOWN_ID)),
          C.NOT_FOUND, "does not exist"),
     Case("list page_size too large", lambda c: c.stub.ListPatterns(pb.ListPatternsRequest(page_size=5000)),
          C.INVALID_ARGUMENT, "page_size"),

@@ -162,7 +162,8 @@ def test_openai_endpoint_down_falls_back_and_is_recorded(triton: EmbeddedTriton,
         with Client(orch.target) as c:
             events = list(c.compose("2 second drone"))
             plan = next(e.plan for e in events if e.WhichOneof("event") == PLAN)
-            assert "coordinator unavailable" in plan.fallback_reason and "127.0.0.1:9" in plan.fallback_reason
+            assert "coordinator unavailable" in plan.fallback_reason
+            assert "127.0.0.1" not in plan.fallback_reason  # the endpoint stays in the server log
             record = c.get_workflow(events[-1].workflow_id)
             assert record.state == pb.Workflow.STATE_SUCCEEDED and "unavailable" in record.fallback_reason
     finally:

@@ -162,4 +162,4 @@ async def test_ratings_change_recall_order(patterns: PatternStore, feedback: Fee
     assert [r.id for r in after] == [high, low]
     assert (after[0].score or 0) > 1.0 > (after[1].score or 0)
     with pytest.raises(NotFound):
-        await rate_pattern(patterns, feedback, "missing", 4)
+        await rate_pattern(patterns, feedback, "00000000-0000-4000-8000-000000000000", 4)

@@ -316,7 +316,8 @@ async def test_without_fail_fast_independent_branches_finish(store: SqlWorkflowS
     events = await collect(run.events())
     assert trace.saw("end") >= {"good", "ana-good"} and "cancelled" not in {w for _, w, _ in trace.marks}
     failed = next(e for e in events if isinstance(e, StepFailed))
-    assert failed.code == "INTERNAL" and failed.error == "RuntimeError: boom", "an unexpected error is INTERNAL"
+    assert failed.code == "INTERNAL", "an unexpected error is INTERNAL"
+    assert "boom" not in failed.error and "RuntimeError" not in failed.error, "its details stay in the log"
     assert [e.step_id for e in events if isinstance(e, StepCancelled)] == ["ana-bad"]
     assert isinstance(events[-1], WorkflowFailed)
     record = await store.get(run.workflow_id)

@@ -12,8 +12,10 @@ Request flow (one request = one generation; the response stream is decoupled):
   cancellable while waiting.
   worker: clap_text_encoder -> N x unet (progress response after each step) -> vae_decoder -> vocoder ->
   response {waveform, sample_rate, seed} -> empty FINAL response. Errors: error response, then FINAL.
-  Cancellation: ``response_sender.is_cancelled()`` is checked before every step (python backend >= 23.10), so a
-  cancelled generation stops within one step and finishes with FINAL.
+  Cancellation: ``response_sender.is_cancelled()`` is checked before and after every UNet call (python backend >=
+  23.10), so a cancelled generation stops within one step and finishes with FINAL. A UNet request already queued
+  cannot be withdrawn (2.41 has no BLS cancellation): after a cancel the unet model still runs the one step each
+  running generation had queued, which is why the orchestrator bounds the generations in flight.
 
 Parity with diffusers (pipelines/deprecated/audioldm/pipeline_audioldm.py), step by step:
   * duration -> mel frames: ``height = int(d / (prod(upsample_rates) / sr))`` rounded up to a multiple of the VAE
@@ -64,6 +66,10 @@ COMPONENTS = {  # config parameter naming the Triton model -> key in components.
     "vae_decoder_model": "vae_decoder",
     "vocoder_model": "vocoder",
 }
+
+
+# Starts the message of every refused request (server/triton_client.py INVALID_REQUEST_MARKER reads it).
+INVALID_REQUEST_MARKER = "invalid request:"
 
 
 class InvalidRequest(ValueError):
@@ -229,7 +235,10 @@ class TritonPythonModel:
 
         duration = self._optional(request, "duration_s")
         duration = self._default_duration if duration is None else float(duration)
-        if not (math.isfinite(duration) and self._min_duration <= duration <= self._max_duration):
+        # duration arrives as float32: compare in float32, so the minimum itself (0.04 s is 0.0399999991 as a
+        # float32) is accepted, as the orchestrator's validation (server/generation.py) accepts it.
+        if not (math.isfinite(duration) and np.float32(self._min_duration) <= np.float32(duration)
+                and duration <= self._max_duration):
             raise InvalidRequest(
                 f"'duration_s' must be in [{self._min_duration:g}, {self._max_duration:g}] seconds, got {duration}"
             )
@@ -272,7 +281,13 @@ class TritonPythonModel:
             try:
                 generation = self._parse(request)
             except InvalidRequest as exc:
-                self._fail(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                # INVALID_ARG for unary clients; the marker for streams, whose error responses carry no code
+                # (the orchestrator maps both to INVALID_ARGUMENT, never to a breaker failure).
+                self._fail(sender, f"{INVALID_REQUEST_MARKER} {exc}", pb_utils.TritonError.INVALID_ARG)
+                continue
+            except Exception as exc:  # a bug in validation must not fail the other requests of the batch
+                self._logger.log_error(f"audioldm: validating a request failed: {exc!r}")
+                self._fail(sender, "audioldm could not read the request", pb_utils.TritonError.INTERNAL)
                 continue
             worker = threading.Thread(
                 target=self._serve, args=(sender, generation), name=f"audioldm-{generation.request_id}", daemon=True
@@ -349,6 +364,7 @@ class TritonPythonModel:
                 "timestep": np.full((rows, 1), float(t), dtype=np.float32),
                 "class_labels": embeds,
             })
+            self._check_cancelled(sender)  # cancelled while its step ran: no scheduler step, no progress
             noise_pred = torch.from_numpy(noise_pred)
             if g.guided:
                 uncond, text = noise_pred.chunk(2)
