@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 from loadgen import AnalyzeTarget, LevelResult, TritonTarget, clip, measure, summarise  # noqa: E402
-from server.export.repository import build_repository  # noqa: E402
-from server.triton_process import EmbeddedTriton  # noqa: E402
+from grym_synth.inference.export.repository import build_repository  # noqa: E402
+from grym_synth.inference.triton_process import EmbeddedTriton  # noqa: E402
 from support import OrchestratorProcess  # noqa: E402
 
 
@@ -59,7 +59,7 @@ def bench_torch(profile: str, weights: Path | None, seed: int, samples: np.ndarr
                 threads: int) -> LevelResult:
     import torch
 
-    from server.export.wav2vec2 import _wrapper, build_model
+    from grym_synth.inference.export.wav2vec2 import _wrapper, build_model
 
     torch.set_num_threads(threads)
     model = _wrapper(build_model(profile, weights, seed))

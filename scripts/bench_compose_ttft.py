@@ -25,11 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from grym import AsyncClient  # noqa: E402
-from server.coordinator_backends import TritonCoordinatorBackend  # noqa: E402
-from server.export.repository import build_repository  # noqa: E402
+from grym_synth.coordinator.triton_backend import TritonCoordinatorBackend  # noqa: E402
+from grym_synth.inference.triton_client import TritonClient  # noqa: E402
+from grym_synth.inference.export.repository import build_repository  # noqa: E402
 from grym.v1 import orchestrator_pb2 as pb  # noqa: E402
-from server.compose import cluster_context, compose_prompt  # noqa: E402
-from server.triton_process import EmbeddedTriton  # noqa: E402
+from grym_synth.compose.service import cluster_context, compose_prompt  # noqa: E402
+from grym_synth.inference.triton_process import EmbeddedTriton  # noqa: E402
 from support import OrchestratorProcess, tone  # noqa: E402
 
 REQUEST = "90 second ambient piece, rain, slow build"
@@ -85,7 +86,8 @@ async def run(orch: OrchestratorProcess, triton: EmbeddedTriton, runs: int, max_
         for i in range(patterns):  # pattern memory with content, so that recall does real work
             await client.analyze(tone(0.5, seed=i), sample_rate_hz=16_000, store=True,
                                  tags={"mood": ["calm", "dark", "bright"][i % 3]})
-        backend = TritonCoordinatorBackend(triton.grpc_url, "coordinator")
+        triton_client = TritonClient(triton.grpc_url, headers=triton.auth_headers or None)
+        backend = TritonCoordinatorBackend(triton_client, "coordinator")
         for warm in range(3):  # also lets the orchestrator compute its cluster context in the background
             await via_orchestrator(client, max_tokens, warm)
         await asyncio.sleep(2.0)
@@ -105,7 +107,7 @@ async def run(orch: OrchestratorProcess, triton: EmbeddedTriton, runs: int, max_
                 results[name]["ttft"].append(ttft)
                 results[name]["itl"].extend(gaps)
                 results[name]["tokens"].append(n)
-        await backend.close()
+        await triton_client.close()
     return {name: {"runs": runs, "tokens_per_run": int(np.median(r["tokens"])),
                    "ttft_p50_ms": pct(r["ttft"], 50), "ttft_p99_ms": pct(r["ttft"], 99),
                    "itl_p50_ms": pct(r["itl"], 50), "itl_p99_ms": pct(r["itl"], 99)} for name, r in results.items()}

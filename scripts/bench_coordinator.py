@@ -2,7 +2,7 @@
 """Time to first token (TTFT) and inter-token latency (ITL) of the coordinator LLM's token stream.
 
 Measured paths (all in this one invocation, same checkpoint, greedy decoding, fixed max_tokens):
-  * triton/raw     — client -> Triton gRPC stream -> decoupled python-backend model, one response per token
+  * triton/raw     — client (TritonClient) -> Triton gRPC stream -> decoupled python-backend model, one response per token
                      (``TritonCoordinatorBackend.stream_tokens``): the direct served path;
   * triton/events  — the same stream seen as ``TokenEvent``s (thinking/answer split), what the orchestrator consumes;
   * in-process     — the same KV-cached decode loop in this process with plain transformers (no serving), after
@@ -29,20 +29,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from server.coordinator_backends import TritonCoordinatorBackend, _percentiles, measure_stream_latency  # noqa: E402
+from grym_synth.coordinator.latency import measure_stream_latency, percentiles  # noqa: E402
+from grym_synth.coordinator.triton_backend import TritonCoordinatorBackend  # noqa: E402
+from grym_synth.inference.triton_client import TritonClient  # noqa: E402
 
 PROMPT = "Plan a two-minute ambient piece: tempo, key, instruments and four sections."
 
 
 def build_tiny_repository(out_dir: Path, seed: int) -> Path:
-    from server.export import repository
+    from grym_synth.inference.export import repository
 
     if "coordinator" in repository.EXPORTERS:
         repository.build_repository("tiny", out_dir, seed=seed, models=["coordinator"])
     else:  # until the exporter is registered: same steps as build_repository
         import shutil
 
-        from server.export.coordinator import export
+        from grym_synth.inference.export.coordinator import export
 
         dst = out_dir / "coordinator"
         shutil.rmtree(dst, ignore_errors=True)
@@ -77,11 +79,12 @@ def inprocess_baseline(checkpoint: Path, max_tokens: int, runs: int, threads: in
             ttfts.append(arrivals[0] - started)
             gaps.extend(b - a for a, b in zip(arrivals, arrivals[1:]))
     return {"runs": runs, "max_tokens": max_tokens, "threads": threads,
-            "ttft_ms": _percentiles(ttfts), "itl_ms": _percentiles(gaps)}
+            "ttft_ms": percentiles(ttfts), "itl_ms": percentiles(gaps)}
 
 
 async def bench_triton(grpc_url: str, args: argparse.Namespace) -> dict:
-    backend = TritonCoordinatorBackend(grpc_url, args.model, token_timeout_s=60.0)
+    triton = TritonClient(grpc_url)
+    backend = TritonCoordinatorBackend(triton, args.model, token_timeout_s=60.0)
     results = {}
     try:
         for concurrency in args.concurrency:
@@ -93,7 +96,7 @@ async def bench_triton(grpc_url: str, args: argparse.Namespace) -> dict:
                 )
                 print(f"{key}: {json.dumps(results[key])}", flush=True)
     finally:
-        await backend.close()
+        await triton.close()
     return results
 
 
@@ -112,7 +115,7 @@ def main() -> int:
     if args.grpc_url:
         report["results"] = asyncio.run(bench_triton(args.grpc_url, args))
     else:
-        from server.triton_process import EmbeddedTriton
+        from grym_synth.inference.triton_process import EmbeddedTriton
 
         with tempfile.TemporaryDirectory(prefix="bench_coordinator_") as tmp:
             repo = build_tiny_repository(Path(tmp) / "repo", args.seed)

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts"), str(ROOT / "tests")]
 
 from grym import AsyncClient  # noqa: E402
-from server.export.repository import build_repository  # noqa: E402
-from server.triton_process import EmbeddedTriton  # noqa: E402
+from grym_synth.inference.export.repository import build_repository  # noqa: E402
+from grym_synth.inference.triton_process import EmbeddedTriton  # noqa: E402
 from support import OrchestratorProcess  # noqa: E402
 
 PROMPT = "warm analog pad, slow attack"
@@ -107,7 +107,7 @@ def diffusers_sequential(profile: str, weights: Path | None, seed: int, n: int, 
                          threads: int) -> dict[str, float]:
     import torch
 
-    from server.export.audioldm import build_components, reference_pipeline
+    from grym_synth.inference.export.audioldm import build_components, reference_pipeline
 
     torch.set_num_threads(threads)
     pipe = reference_pipeline(build_components(profile, weights, seed))

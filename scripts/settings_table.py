@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "server"))
 
-from server.settings import REPO_ROOT, Settings  # noqa: E402
+from grym_synth.settings import Settings  # noqa: E402
 
 HEADER = "| flag | environment | default | meaning |\n|---|---|---|---|\n"
 
@@ -25,7 +25,7 @@ def _default(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     if isinstance(value, Path):
-        return "./" + str(value.relative_to(REPO_ROOT)) if value.is_relative_to(REPO_ROOT) else str(value)
+        return str(value) if value.is_absolute() else f"./{value}"
     return str(value)
 
 

@@ -22,7 +22,7 @@ fi
 . .venv/bin/activate
 
 stamp=.venv/.grym-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "setup: installing Python dependencies (torch==2.13.0 CPU, numpy<2, Triton, Milvus...)"
   python -m pip install -q --upgrade pip
   # torch first and pinned: it resolves to the local CPU wheel; an unpinned torch would pull CUDA wheels.
@@ -35,7 +35,7 @@ python scripts/gen_protos.py >/dev/null
 
 # The stub links against the system libpython3.11 (Debian's libpython3.11 package).
 stub=$(python - <<'PY'
-from server.triton_process import pytriton_root
+from grym_synth.inference.triton_process import pytriton_root
 print(pytriton_root() / "python_backend_stubs" / "3.11" / "triton_python_backend_stub")
 PY
 )
@@ -44,4 +44,4 @@ if ldd "$stub" | grep -q "not found"; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libpython3.11 >/dev/null
   else sudo apt-get update -qq && sudo apt-get install -y -qq libpython3.11 >/dev/null; fi
 fi
-echo "setup: ready (.venv, stubs in clients/python/grym/v1)"
+echo "setup: ready (.venv; gRPC stubs in server/grym_synth/api/v1 and clients/python/grym/v1)"

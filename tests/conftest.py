@@ -17,9 +17,9 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from server.export.repository import ALL_MODELS, build_repository  # noqa: E402
-from server.pattern_learning import FeedbackStore, open_feedback_store  # noqa: E402
-from server.triton_process import EmbeddedTriton  # noqa: E402
+from grym_synth.inference.export.repository import ALL_MODELS, build_repository  # noqa: E402
+from grym_synth.memory.learning import FeedbackStore, open_feedback_store  # noqa: E402
+from grym_synth.inference.triton_process import EmbeddedTriton  # noqa: E402
 from support import OrchestratorProcess  # noqa: E402
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import json
 import threading
 from typing import Any
 
-from server.triton_process import free_port
+from grym_synth.inference.triton_process import free_port
 
 
 def chunk(delta: dict[str, Any] | None = None, finish: str | None = None) -> bytes:

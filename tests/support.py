@@ -1,21 +1,31 @@
-"""Helpers for tests that run the real orchestrator as a process (``grym-synth serve``)."""
+"""Shared test helpers: the real orchestrator as a process (``grym-synth serve``), test audio, the status-message
+leak check, and in-memory workflow executors for the engine tests."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
 
+from grym_synth.planning.plan import Plan, Step
+from grym_synth.planning.validation import validate_plan
+from grym_synth.workflow.events import WorkflowEvent
+from grym_synth.workflow.executors import StepContext
+
 ROOT = Path(__file__).resolve().parent.parent
-GRYM_SYNTH = [sys.executable, "-m", "server.cli"]
+GRYM_SYNTH = [sys.executable, "-m", "grym_synth.cli"]
 
 
 @dataclass
@@ -127,3 +137,102 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+# --- status messages ------------------------------------------------------------------------------------------------
+# What no status message may carry: peer addresses, gRPC dumps, exception class names, reprs.
+LEAK = re.compile(r"127\.0\.0\.1|ipv4|ipv6|localhost:\d|debug_error_string|grpc_status|\b[A-Z]\w*(?:Error|Exception)\b"
+                  r"|object at 0x|Traceback")
+
+
+def assert_clean(message: str) -> None:
+    assert not LEAK.search(message), f"status message leaks internals: {message!r}"
+
+
+# --- in-memory workflow executors -------------------------------------------------------------------------------------
+WORKFLOW_DIM = 8  # embedding size of the in-test analysis
+RATE = 100  # samples per second of the in-test "audio": small arrays, same shapes as the real thing
+
+
+class Trace:
+    """What executors did, with monotonic timestamps."""
+
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, str, float]] = []
+        self.inputs: dict[str, dict[str, Any]] = {}
+
+    def mark(self, step_id: str, what: str) -> None:
+        self.marks.append((step_id, what, time.monotonic()))
+
+    def at(self, step_id: str, what: str) -> float:
+        return next(t for s, w, t in self.marks if s == step_id and w == what)
+
+    def saw(self, what: str) -> set[str]:
+        return {s for s, w, _ in self.marks if w == what}
+
+
+def generator(trace: Trace, delay_s: float = 0.0, fail: dict[str, BaseException] | None = None) -> Any:
+    """A generate/vary executor: seeded noise of the requested length (RATE samples per second) after ``delay_s``."""
+
+    async def execute(step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        trace.mark(step.id, "start")
+        trace.inputs[step.id] = inputs
+        try:
+            for i in range(4):
+                await asyncio.sleep(delay_s / 4)
+                await ctx.progress(i + 1, 4, "denoising")
+            if fail and step.id in fail:
+                raise fail[step.id]
+        except asyncio.CancelledError:
+            trace.mark(step.id, "cancelled")
+            raise
+        trace.mark(step.id, "end")
+        params = inputs["params"]
+        audio = np.random.default_rng(params["seed"] % 2**32).standard_normal(int(params["duration_s"] * RATE))
+        return {"audio": audio.astype(np.float32), "sample_rate_hz": RATE}
+
+    return execute
+
+
+def analyzer(trace: Trace) -> Any:
+    async def execute(step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        trace.mark(step.id, "start")
+        trace.inputs[step.id] = inputs
+        spectrum = np.abs(np.fft.rfft(inputs["audio"]))[:WORKFLOW_DIM] + 1e-3
+        trace.mark(step.id, "end")
+        return {"embedding": spectrum.astype(np.float32), "duration_s": len(inputs["audio"]) / inputs["sample_rate_hz"]}
+
+    return execute
+
+
+def hanging(trace: Trace) -> Any:
+    async def execute(step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        trace.mark(step.id, "start")
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            trace.mark(step.id, "cancelled")
+            raise
+        return {}
+
+    return execute
+
+
+def plan_of(*steps: dict[str, Any]) -> Plan:
+    return validate_plan({"version": 1, "intent": "test", "steps": list(steps)})
+
+
+def gen(step_id: str, **params: Any) -> dict[str, Any]:
+    return {"id": step_id, "type": "generate", "params": {"prompt": "calm piano", "duration_s": 2, **params}}
+
+
+def analyze(step_id: str, source: str) -> dict[str, Any]:
+    return {"id": step_id, "type": "analyze", "inputs": {"audio": f"{source}.audio"}}
+
+
+async def collect(events: AsyncIterator[WorkflowEvent]) -> list[WorkflowEvent]:
+    return [e async for e in events]
+
+
+def kinds(events: list[WorkflowEvent], step_id: str | None = None) -> list[str]:
+    return [e.kind for e in events if step_id is None or getattr(e, "step_id", None) == step_id]

@@ -88,7 +88,7 @@ def _mel_frames(duration_s: float, seconds_per_frame: float, vae_scale_factor: i
 
 def dims(profile: str) -> Dims:
     """Derive every dimension from the exporters' profile table, exactly as the pipeline model does."""
-    from server.export import audioldm
+    from grym_synth.inference.export import audioldm
 
     p = audioldm.PROFILES[profile]
     scale = 2 ** (len(p.vae["block_out_channels"]) - 1)  # AudioLDMPipeline.vae_scale_factor
@@ -137,7 +137,7 @@ def _token_ids(d: Dims, rng: np.random.Generator) -> tuple[list[int], list[int]]
 
 def documents(profile: str) -> dict[str, dict[str, Any]]:
     """File stem -> perf_analyzer input-data document for ``profile``."""
-    from server.export import coordinator
+    from grym_synth.inference.export import coordinator
 
     d = dims(profile)
     rng = np.random.default_rng(SEED)

@@ -18,7 +18,8 @@ import sys
 
 from google.protobuf.json_format import MessageToJson
 
-from grym.client import Client, GrymError
+from grym._version import __version__
+from grym.client import DEFAULT_SCHEDULER, SCHEDULERS, Client, GrymError
 from grym.v1 import orchestrator_pb2 as pb
 
 EXIT_ERROR = 1
@@ -42,6 +43,7 @@ def _pattern_dict(p) -> dict:  # type: ignore[no-untyped-def]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grym", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"grym {__version__}")
     parser.add_argument("--target", default=os.environ.get("GRYM_TARGET", "localhost:50051"),
                         help="server address host:port (env GRYM_TARGET)")
     parser.add_argument("--timeout", type=float, default=60.0, help="deadline of each call in seconds")
@@ -55,12 +57,12 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate audio from a text prompt (AudioLDM)")
     gen.add_argument("prompt")
-    gen.add_argument("--seconds", type=float, default=5.0)
-    gen.add_argument("--steps", type=int, default=10)
-    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default 2.5)")
+    gen.add_argument("--seconds", type=float, default=0.0, help="audio length in seconds (0: the server's default)")
+    gen.add_argument("--steps", type=int, default=0, help="denoising steps (0: the server's default)")
+    gen.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the server's)")
     gen.add_argument("--seed", type=int, help="seed for reproducible audio (default: server picks)")
     gen.add_argument("--negative", default="", help="negative prompt")
-    gen.add_argument("--scheduler", default="ddim", choices=["ddim", "dpm", "euler", "pndm", "lms"])
+    gen.add_argument("--scheduler", default=DEFAULT_SCHEDULER, choices=list(SCHEDULERS))
     gen.add_argument("--out", default="generated.wav", help="where to write the WAV")
     gen.add_argument("--store", action="store_true", help="store the result as a pattern")
     gen.add_argument("--tag", action="append", help="key=value label for the stored pattern (repeatable)")

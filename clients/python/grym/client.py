@@ -93,9 +93,13 @@ def _stream_requests(samples: np.ndarray, sample_rate_hz: int, include_features:
         yield pb.StreamAnalyzeRequest(audio_content=data[i: i + step])
 
 
-SCHEDULERS = {"ddim": pb.GenerateRequest.SCHEDULER_DDIM, "dpm": pb.GenerateRequest.SCHEDULER_DPM_SOLVER,
-              "euler": pb.GenerateRequest.SCHEDULER_EULER, "pndm": pb.GenerateRequest.SCHEDULER_PNDM,
-              "lms": pb.GenerateRequest.SCHEDULER_LMS}
+# Scheduler name -> proto enum value, read from the proto's GenerateRequest.Scheduler enum (the one list the client
+# sees): SCHEDULER_<NAME> is "<name>", except DPM_SOLVER, which the server calls "dpm".
+_SCHEDULER_SPELLING = {"DPM_SOLVER": "dpm"}
+SCHEDULERS = {_SCHEDULER_SPELLING.get(name[len("SCHEDULER_"):], name[len("SCHEDULER_"):].lower()): value
+              for name, value in pb.GenerateRequest.Scheduler.items()
+              if value != pb.GenerateRequest.SCHEDULER_UNSPECIFIED}
+DEFAULT_SCHEDULER = "ddim"  # what the server uses for SCHEDULER_UNSPECIFIED (AudioLDM's own)
 
 
 def _generate_request(prompt: str, *, seconds: float, steps: int, guidance_scale: float | None, seed: int | None,
@@ -159,11 +163,12 @@ class Client:
         reqs = _stream_requests(samples, sample_rate_hz, include_features, store, tags, request_id)
         yield from self._server_stream(self.stub.StreamAnalyze(reqs, timeout=self.timeout_s, metadata=self.metadata))
 
-    def generate(self, prompt: str, *, seconds: float = 5.0, steps: int = 10, guidance_scale: float | None = None,
-                 seed: int | None = None, negative_prompt: str = "", scheduler: str = "ddim", store: bool = False,
-                 tags: Mapping[str, str] | None = None, request_id: str | None = None,
+    def generate(self, prompt: str, *, seconds: float = 0.0, steps: int = 0, guidance_scale: float | None = None,
+                 seed: int | None = None, negative_prompt: str = "", scheduler: str = DEFAULT_SCHEDULER,
+                 store: bool = False, tags: Mapping[str, str] | None = None, request_id: str | None = None,
                  timeout_s: float | None = None) -> Iterator[pb.GenerateResponse]:
-        """The Generate event stream: progress events, audio chunks, then one result (see wav_from_events)."""
+        """The Generate event stream: progress events, audio chunks, then one result (see wav_from_events).
+        ``seconds``/``steps`` 0 and ``guidance_scale`` None take the server's defaults."""
         req = _generate_request(prompt, seconds=seconds, steps=steps, guidance_scale=guidance_scale, seed=seed,
                                 negative_prompt=negative_prompt, scheduler=scheduler, store=store, tags=tags,
                                 request_id=request_id)
@@ -194,7 +199,7 @@ class Client:
     def get_workflow(self, workflow_id: str) -> pb.Workflow:
         return self._call(self.stub.GetWorkflow, pb.GetWorkflowRequest(workflow_id=workflow_id)).workflow
 
-    def list_workflows(self, *, page_size: int = 50) -> list[pb.Workflow]:
+    def list_workflows(self, *, page_size: int = 0) -> list[pb.Workflow]:  # 0: the server's page size
         return list(self._call(self.stub.ListWorkflows, pb.ListWorkflowsRequest(page_size=page_size)).workflows)
 
     def clusters(self, cluster_count: int = 0) -> list[pb.PatternCluster]:
@@ -205,8 +210,8 @@ class Client:
         return self._call(self.stub.RatePattern, pb.RatePatternRequest(pattern_id=pattern_id, rating=rating,
                                                                        comment=comment))
 
-    def search(self, *, embedding: Sequence[float] | None = None, pattern_id: str | None = None, top_k: int = 10,
-               tag_filter: Mapping[str, str] | None = None) -> list[pb.PatternMatch]:
+    def search(self, *, embedding: Sequence[float] | None = None, pattern_id: str | None = None, top_k: int = 0,
+               tag_filter: Mapping[str, str] | None = None) -> list[pb.PatternMatch]:  # top_k 0: the server's
         return list(self._call(self.stub.SearchPatterns,
                                _search_request(embedding, pattern_id, top_k, tag_filter)).matches)
 
@@ -217,9 +222,9 @@ class Client:
     def delete_pattern(self, pattern_id: str) -> None:
         self._call(self.stub.DeletePattern, pb.DeletePatternRequest(pattern_id=pattern_id))
 
-    def list_patterns(self, *, page_size: int = 50, tag_filter: Mapping[str, str] | None = None
+    def list_patterns(self, *, page_size: int = 0, tag_filter: Mapping[str, str] | None = None
                       ) -> Iterator[common_pb2.Pattern]:
-        """All stored patterns, newest first, fetched page by page."""
+        """All stored patterns, newest first, fetched page by page (``page_size`` 0: the server's)."""
         token = ""
         while True:
             resp = self._call(self.stub.ListPatterns, pb.ListPatternsRequest(
@@ -285,9 +290,9 @@ class AsyncClient:
         finally:
             call.cancel()
 
-    async def generate(self, prompt: str, *, seconds: float = 5.0, steps: int = 10,
+    async def generate(self, prompt: str, *, seconds: float = 0.0, steps: int = 0,
                        guidance_scale: float | None = None, seed: int | None = None, negative_prompt: str = "",
-                       scheduler: str = "ddim", store: bool = False, tags: Mapping[str, str] | None = None,
+                       scheduler: str = DEFAULT_SCHEDULER, store: bool = False, tags: Mapping[str, str] | None = None,
                        request_id: str | None = None,
                        timeout_s: float | None = None) -> AsyncIterator[pb.GenerateResponse]:
         req = _generate_request(prompt, seconds=seconds, steps=steps, guidance_scale=guidance_scale, seed=seed,
@@ -309,7 +314,7 @@ class AsyncClient:
             yield event
 
     async def search(self, *, embedding: Sequence[float] | None = None, pattern_id: str | None = None,
-                     top_k: int = 10, tag_filter: Mapping[str, str] | None = None) -> list[pb.PatternMatch]:
+                     top_k: int = 0, tag_filter: Mapping[str, str] | None = None) -> list[pb.PatternMatch]:
         resp = await self._call(self.stub.SearchPatterns, _search_request(embedding, pattern_id, top_k, tag_filter))
         return list(resp.matches)
 

@@ -39,6 +39,10 @@ INPUT_ROLES = ("prompt", "max_tokens", "temperature", "top_p", "seed", "stop")
 OUTPUT_ROLES = ("text", "token_id", "finish_reason")
 
 THINK_OPEN = "<think>"
+# Error responses of a decoupled model carry no status code in Triton 2.41: the orchestrator's Triton client reads these
+# markers at the start of the message (grym_synth/inference/triton_client.py: INVALID_ARGUMENT, RESOURCE_EXHAUSTED).
+INVALID_REQUEST_MARKER = "invalid request:"
+OVERLOADED_MARKER = "overloaded:"
 # DeepSeek: "enforce the model to initiate its response with <think>\n" — appended when a template does not.
 THINK_PREFILL = THINK_OPEN + "\n"
 
@@ -292,7 +296,7 @@ class TritonPythonModel:
                 inputs = self._read_inputs(request)
                 request_id = request.request_id() or "-"
             except Exception as exc:
-                message = f"coordinator could not read the request: {exc}"
+                message = f"{INVALID_REQUEST_MARKER} coordinator could not read the request: {exc}"
                 self._send_error(sender, message, pb_utils.TritonError.INVALID_ARG)
                 continue
             with self._lock:
@@ -300,13 +304,15 @@ class TritonPythonModel:
                 if accept:
                     self._pending += 1
             if not accept:
-                self._send_error(sender, "coordinator is at capacity, retry later", pb_utils.TritonError.UNAVAILABLE)
+                self._send_error(sender, f"{OVERLOADED_MARKER} coordinator is at capacity, retry later",
+                                 pb_utils.TritonError.UNAVAILABLE)
                 continue
             try:
                 self._pool.submit(self._run, inputs, request_id, sender)
             except RuntimeError as exc:  # pool already shut down (model unloading)
                 self._done()
-                self._send_error(sender, f"coordinator is unloading: {exc}", pb_utils.TritonError.UNAVAILABLE)
+                self._send_error(sender, f"coordinator model is not ready (unloading): {exc}",
+                                 pb_utils.TritonError.UNAVAILABLE)
         return None
 
     def _read_inputs(self, request) -> dict[str, np.ndarray | None]:
@@ -322,7 +328,7 @@ class TritonPythonModel:
             try:
                 options = self._parse(inputs)
             except ValueError as exc:
-                self._send_error(sender, str(exc), pb_utils.TritonError.INVALID_ARG)
+                self._send_error(sender, f"{INVALID_REQUEST_MARKER} {exc}", pb_utils.TritonError.INVALID_ARG)
                 return
             reason, produced = self._generate(sender, options)
             self.logger.log_info(

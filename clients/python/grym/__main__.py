@@ -1,0 +1,7 @@
+"""``python -m grym``: the same as the ``grym`` command."""
+
+import sys
+
+from grym.cli import main
+
+sys.exit(main())

@@ -1,0 +1,46 @@
+"""Conversions between serving-layer records and grym.v1 protobuf messages (no logic, no I/O)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from grym_synth.api.v1 import orchestrator_pb2 as pb
+from grym_synth.memory.learning import Cluster
+from grym_synth.workflow.store import WorkflowRecord, WorkflowState
+
+WORKFLOW_STATES = {s: getattr(pb.Workflow, f"STATE_{s.value}") for s in WorkflowState}
+STATE_FROM_PROTO = {v: k for k, v in WORKFLOW_STATES.items()}
+
+
+def timestamp(us: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMicroseconds(int(us or 0))
+    return ts
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str) if value is not None else ""
+
+
+def workflow(record: WorkflowRecord) -> pb.Workflow:
+    summary = record.summary or {}
+    return pb.Workflow(
+        workflow_id=record.id, request=record.request_text, request_id=record.request_id,
+        state=WORKFLOW_STATES[WorkflowState(record.state)], planner=record.planner,
+        fallback_reason=record.fallback_reason or "", plan_json=to_json(record.plan),
+        steps=[pb.WorkflowStep(step_id=s.step_id, step_type=s.step_type, state=str(getattr(s.state, "value", s.state)),
+                               summary_json=to_json(s.summary), error=s.error or "") for s in record.steps],
+        error=record.error or "", pattern_ids=list(summary.get("patterns", [])),
+        audio_seconds=float(summary.get("audio_s", 0.0)), thinking=record.transcript_thinking,
+        answer=record.transcript_answer, create_time=timestamp(record.created_at_us),
+        update_time=timestamp(record.updated_at_us),
+    )
+
+
+def cluster(c: Cluster) -> pb.PatternCluster:
+    return pb.PatternCluster(label=c.label, size=c.size, pattern_ids=list(c.member_ids), top_tags=dict(c.top_tags),
+                             top_words=list(c.top_words), cohesion=float(c.cohesion),
+                             mean_rating=float(c.mean_rating or 0.0))

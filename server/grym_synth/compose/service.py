@@ -1,0 +1,286 @@
+"""Compose: the coordinator reads a musical request, plans, and the plan runs as a workflow.
+
+Order of a Compose call (the seed design's "Model Orchestrator"):
+  1. recall stored patterns relevant to the request (keyword + rating ranked) as context. This runs before the
+     first token, so it reads the in-memory recall index (grym_synth.memory.recall_index), not Milvus (only until
+     the index has loaded at start-up); its one I/O is the ratings lookup of the matches (SQLite/PostgreSQL);
+  2. stream the coordinator LLM's tokens (thinking vs answer) through its circuit breaker;
+  3. take its JSON plan when it validates, else the rule-based plan with the reason (garbage, stall, outage);
+  4. run the plan as a DAG on the real executors (AudioLDM on Triton, Wav2Vec2 on Triton, Milvus) with the
+     workflow engine persisting every transition;
+  5. stream features, the composition's audio, and the final workflow record.
+Cancellation or the deadline cancels the coordinator stream and every running step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from grym_synth.analysis.service import AnalysisService
+from grym_synth.core.audio import TARGET_RATE_HZ, to_mono_16k
+from grym_synth.coordinator.base import CoordinatorBackend, TokenEvent
+from grym_synth.core.errors import Cancelled, DeadlineExceeded, GrymError, InvalidArgument
+from grym_synth.generation.service import AudioData, GenerationService, Progress, validate, wav_chunks
+from grym_synth.inference.export.coordinator import DEFAULT_MAX_TOKENS, GENERATION_DEFAULTS, MAX_TOKENS_LIMIT
+from grym_synth.memory.learning import FeedbackStore, detect_clusters, recall_for_request
+from grym_synth.memory.store import PatternRecord, PatternStore, validate_tags
+from grym_synth.planning.choose import choose_plan
+from grym_synth.planning.plan import Plan, Step
+from grym_synth.planning.prompt import plan_instructions
+from grym_synth.planning.rules import RuleBasedPlanner
+from grym_synth.core.resilience import AsyncBreaker
+from grym_synth.workflow.engine import WorkflowEngine
+from grym_synth.workflow.events import StepFinished, WorkflowCancelled, WorkflowEvent, WorkflowFailed, WorkflowFinished
+from grym_synth.workflow.executors import RecallExecutor, StepContext, StoreExecutor
+from grym_synth.workflow.store import WorkflowRecord, WorkflowStore
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST_CHARS = 4000
+RECALL_TOP_K = 5
+CLUSTER_TTL_S = 60.0
+CLUSTER_LINES = 5
+
+
+def cluster_context(clusters: Sequence[tuple[str, int, float]]) -> str:
+    """Recurring patterns (label, size, mean rating) as a few lines of coordinator context."""
+    if not clusters:
+        return ""
+    lines = ["Recurring patterns in memory (label, size, mean rating):"]
+    lines += [f"- {label} ({size} patterns, rating {rating:.1f})" for label, size, rating in clusters[:CLUSTER_LINES]]
+    return "\n".join(lines)
+
+
+def compose_prompt(request: str, recalled: Sequence[PatternRecord], clusters_text: str = "") -> str:
+    """DeepSeek-R1 guidance: no system prompt, so the instructions and context go into the user turn."""
+    parts = [request.strip(), plan_instructions(recalled)]
+    if clusters_text:
+        parts.append(clusters_text)
+    return "\n\n".join(parts)
+
+
+@dataclass
+class PlanChosen:
+    plan: Plan
+    recalled: list[PatternRecord]
+
+
+@dataclass
+class Features:
+    step_id: str
+    frames: int
+    embedding: list[float]
+    duration_s: float
+
+
+@dataclass
+class Finished:
+    record: WorkflowRecord
+
+
+# --- executors: plan steps on the real models -------------------------------------------------------------------------
+class GenerateExecutor:
+    """generate / vary: AudioLDM on Triton; denoising progress becomes step progress."""
+
+    def __init__(self, generation: GenerationService) -> None:
+        self.generation = generation
+
+    async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        q = inputs["params"]
+        params = validate(str(q["prompt"]), str(q.get("negative_prompt") or ""), float(q["duration_s"]),
+                          int(q["steps"]), float(q["guidance_scale"]), int(q["seed"]), str(q["scheduler"]),
+                          self.generation.max_duration_s)
+        samples, seed, cached = np.zeros(0, np.float32), params.seed or 0, False
+        # Waits for one of the generation slots shared with Generate; cancelling the step (the client went away,
+        # the deadline, a sibling failed) closes the Triton stream, and the audioldm model stops within one step.
+        stream = self.generation.synthesize(params, deadline=ctx.deadline, request_id=ctx.request_id,
+                                            wait_for_slot=True, what="Compose")
+        async with contextlib.aclosing(stream) as items:
+            async for item in items:
+                if isinstance(item, Progress):
+                    await ctx.progress(item.step, item.total_steps, "denoising")
+                else:
+                    samples, seed, cached = item
+        return {"audio": samples, "sample_rate_hz": TARGET_RATE_HZ, "seed": seed, "cached": cached,
+                "duration_s": len(samples) / TARGET_RATE_HZ, "params": dict(q)}
+
+
+class AnalyzeExecutor:
+    """analyze: Wav2Vec2 on Triton over a previous step's audio."""
+
+    def __init__(self, analysis: AnalysisService) -> None:
+        self.analysis = analysis
+
+    async def embed(self, audio: Any, rate: int | None) -> tuple[list[float], float]:
+        result = await self._run(audio, rate, None, "")
+        return result.embedding.tolist(), result.duration_s
+
+    async def _run(self, audio: Any, rate: int | None, deadline: float | None, request_id: str) -> Any:
+        samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+        if rate and rate != TARGET_RATE_HZ:
+            samples = to_mono_16k(samples[:, None], int(rate))
+        return await self.analysis.run_model(self.analysis.validate(samples, "step audio"), include_features=False,
+                                             deadline=deadline, request_id=request_id)
+
+    async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        result = await self._run(inputs["audio"], inputs.get("sample_rate_hz"), ctx.deadline, ctx.request_id)
+        return {"embedding": result.embedding.tolist(), "frames": result.frames, "duration_s": result.duration_s}
+
+
+class TaggingStoreExecutor(StoreExecutor):
+    """store, adding the Compose request's tags (looked up by workflow id) to the step's own."""
+
+    def __init__(self, *args: Any, request_tags: dict[str, dict[str, str]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.request_tags = request_tags
+
+    async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        extra = self.request_tags.get(ctx.workflow_id) or {}
+        if extra:
+            inputs = {**inputs, "tags": {**(inputs.get("tags") or step.params.get("tags") or {}), **extra}}
+        return await super().__call__(step, inputs, ctx)
+
+
+# --- the service ----------------------------------------------------------------------------------------------------
+class ComposeService:
+    """Coordinator -> plan -> workflow, as one event stream."""
+
+    def __init__(self, *, coordinator: CoordinatorBackend | None, breaker: AsyncBreaker,
+                 generation: GenerationService, analysis: AnalysisService, patterns: PatternStore,
+                 workflows: WorkflowStore, feedback: FeedbackStore, rules: RuleBasedPlanner,
+                 max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = GENERATION_DEFAULTS["temperature"],
+                 top_p: float = GENERATION_DEFAULTS["top_p"]) -> None:
+        self.coordinator = coordinator
+        self.breaker = breaker
+        self.patterns = patterns
+        self.workflows = workflows
+        self.feedback = feedback
+        self.rules = rules
+        self.max_tokens = max_tokens
+        self.temperature = temperature
+        self.top_p = top_p
+        self.request_tags: dict[str, dict[str, str]] = {}
+        self._clusters_text = ""
+        self._clusters_at = float("-inf")
+        self._clusters_task: asyncio.Task[None] | None = None
+        analyze = AnalyzeExecutor(analysis)
+        generate = GenerateExecutor(generation)
+        self.engine = WorkflowEngine({
+            "generate": generate, "vary": generate, "analyze": analyze,
+            "store": TaggingStoreExecutor(patterns, analyze=analyze.embed, request_tags=self.request_tags),
+            "recall": RecallExecutor(patterns, feedback),
+        }, workflows)
+
+    @staticmethod
+    def validate(request: str, max_tokens: int, tags: Mapping[str, str]) -> None:
+        if not request.strip():
+            raise InvalidArgument("request is empty: describe the music to compose")
+        if len(request) > MAX_REQUEST_CHARS:
+            raise InvalidArgument(f"request is {len(request)} characters; at most {MAX_REQUEST_CHARS} are allowed")
+        if not 0 <= max_tokens <= MAX_TOKENS_LIMIT:
+            raise InvalidArgument(f"max_tokens must be 1..{MAX_TOKENS_LIMIT} (0: server default), got {max_tokens}")
+        validate_tags(tags)
+
+    def clusters_text(self) -> str:
+        """The latest cluster summary; refreshed in the background at most every CLUSTER_TTL_S so that a Compose
+        call never waits for k-means over the whole pattern memory."""
+        stale = time.monotonic() - self._clusters_at > CLUSTER_TTL_S
+        if stale and (self._clusters_task is None or self._clusters_task.done()):
+            self._clusters_task = asyncio.create_task(self._refresh_clusters(), name="cluster-context")
+        return self._clusters_text
+
+    async def _refresh_clusters(self) -> None:
+        try:
+            clusters = await detect_clusters(self.patterns, None, feedback=self.feedback)
+            self._clusters_text = cluster_context([(c.label, c.size, c.mean_rating or 0.0) for c in clusters])
+        except GrymError as exc:  # memory unavailable: keep the last summary, retry after the TTL
+            log.info("cluster context not refreshed: %s", exc.message)
+        self._clusters_at = time.monotonic()
+
+    async def close(self) -> None:
+        if self._clusters_task is not None:
+            self._clusters_task.cancel()
+
+    def prompt(self, request: str, recalled: Sequence[PatternRecord]) -> str:
+        return compose_prompt(request, recalled, self.clusters_text())
+
+    async def _coordinate(self, request: str, recalled: Sequence[PatternRecord], *, max_tokens: int,
+                          seed: int | None, deadline: float | None, request_id: str,
+                          transcript: dict[str, list[str]]) -> AsyncIterator[TokenEvent]:
+        """Coordinator tokens; a failure (down, stalled, garbage stream, open breaker) is recorded in
+        ``transcript["error"]`` and ends the stream so the rule-based planner takes over."""
+        if self.coordinator is None:
+            transcript["error"].append("no coordinator backend is configured")
+            return
+        remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+        try:
+            async with self.breaker.guard():
+                stream = self.coordinator.stream(self.prompt(request, recalled), max_tokens=max_tokens,
+                                                 temperature=self.temperature, top_p=self.top_p, seed=seed,
+                                                 deadline_s=remaining, request_id=request_id)
+                async with contextlib.aclosing(stream) as tokens:
+                    async for event in tokens:
+                        transcript[event.kind].append(event.text)
+                        yield event
+        except (InvalidArgument, Cancelled):
+            raise
+        except GrymError as exc:
+            if isinstance(exc, DeadlineExceeded) and deadline is not None and time.monotonic() >= deadline:
+                raise  # the caller's own deadline: nothing left to fall back with
+            log.warning("coordinator failed, using the rule-based planner: %s", exc.message)
+            transcript["error"].append(exc.message)
+
+    async def compose(self, request: str, *, max_tokens: int, seed: int | None, tags: Mapping[str, str],
+                      deadline: float | None, request_id: str,
+                      workflow_id: str) -> AsyncIterator[TokenEvent | PlanChosen | WorkflowEvent | Features |
+                                                         AudioData | Finished]:
+        self.validate(request, max_tokens, tags)
+        recalled = await recall_for_request(self.patterns, self.feedback, request, RECALL_TOP_K)
+        transcript: dict[str, list[str]] = {"thinking": [], "answer": [], "error": []}
+        async for token in self._coordinate(request, recalled, max_tokens=max_tokens or self.max_tokens, seed=seed,
+                                            deadline=deadline, request_id=request_id, transcript=transcript):
+            yield token
+        answer = "".join(transcript["answer"]) if not transcript["error"] else None
+        plan = choose_plan(answer, request, recalled, self.rules,
+                           coordinator_error="; ".join(transcript["error"]) or None)
+        yield PlanChosen(plan, list(recalled))
+        self.request_tags[workflow_id] = dict(tags)
+        try:
+            async for event in self._run(plan, request, request_id, deadline, workflow_id, transcript):
+                yield event
+        finally:
+            self.request_tags.pop(workflow_id, None)
+
+    async def _run(self, plan: Plan, request: str, request_id: str, deadline: float | None, workflow_id: str,
+                   transcript: dict[str, list[str]]) -> AsyncIterator[WorkflowEvent | Features | AudioData |
+                                                                      Finished]:
+        run = await self.engine.start(plan, request_text=request, request_id=request_id, deadline=deadline,
+                                      thinking="".join(transcript["thinking"]),
+                                      answer="".join(transcript["answer"]), workflow_id=workflow_id)
+        final: WorkflowEvent | None = None
+        async for event in run.events():
+            yield event
+            if isinstance(event, StepFinished) and event.step_type == "analyze":
+                out = run.outputs.get(event.step_id, {})
+                yield Features(event.step_id, int(out.get("frames", 0)), list(out.get("embedding", [])),
+                               float(out.get("duration_s", 0.0)))
+            if isinstance(event, (WorkflowFinished, WorkflowFailed, WorkflowCancelled)):
+                final = event
+        if isinstance(final, WorkflowFinished):
+            pieces = [np.asarray(out["audio"], dtype=np.float32) for _, out in run.audio() if "audio" in out]
+            if pieces:
+                yield AudioData(wav_chunks(np.concatenate(pieces), TARGET_RATE_HZ), TARGET_RATE_HZ)
+        yield Finished(await self.workflows.get(workflow_id))
+
+
+def new_workflow_id() -> str:
+    return str(uuid.uuid4())

@@ -1,0 +1,149 @@
+"""The plan model: step types and what they produce and accept, :class:`Plan` / :class:`Step` / :class:`Ref`, and seeds.
+
+A plan is a small DAG of steps (generate, analyze, store, recall, vary) that the workflow engine
+(:mod:`grym_synth.workflow.engine`) runs. Plans are built only by :func:`grym_synth.planning.validation.validate_plan`,
+so a :class:`Plan` is always valid.
+
+Long pieces: one generate step renders at most ``schema.MAX_SEGMENT_S`` (30 s, AudioLDM's memory and quality limit; the
+schema's bound). Longer pieces are several generate steps; ``Plan.output`` lists them in order and the caller
+concatenates their audio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from grym_synth.inference.export.audioldm import DEFAULT_SCHEDULER
+
+StepType = Literal["generate", "analyze", "store", "recall", "vary"]
+PlannerName = Literal["coordinator", "rules"]
+STEP_TYPES: tuple[str, ...] = ("analyze", "generate", "recall", "store", "vary")
+PLAN_VERSION = 1
+
+# What each step type produces. Audio-producing steps also return the parameters they rendered with ("params") and
+# the engine adds "provenance" so that a stored pattern can be regenerated exactly.
+OUTPUTS: dict[str, tuple[str, ...]] = {
+    "generate": ("audio", "sample_rate_hz", "params", "provenance"),
+    "vary": ("audio", "sample_rate_hz", "params", "provenance"),
+    "analyze": ("embedding", "duration_s", "provenance"),
+    "store": ("pattern_id", "pattern"),
+    "recall": ("patterns", "pattern"),
+}
+# The output a bare "<step_id>" reference means.
+MAIN_OUTPUT: dict[str, str] = {
+    "generate": "audio", "vary": "audio", "analyze": "embedding", "store": "pattern_id", "recall": "pattern",
+}
+# target type -> input name -> source type -> outputs that input accepts.
+INPUT_RULES: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
+    "generate": {},
+    "analyze": {"audio": {"generate": ("audio",), "vary": ("audio",)}},
+    "store": {"from": {"generate": ("audio",), "vary": ("audio",), "analyze": ("embedding",)}},
+    "recall": {"embedding": {"analyze": ("embedding",)}},
+    "vary": {"from": {"recall": ("pattern", "patterns")}},
+}
+REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {"analyze": ("audio",), "store": ("from",), "vary": ("from",)}
+AUDIO_STEPS = ("generate", "vary")
+
+GENERATE_DEFAULTS: dict[str, Any] = {
+    "negative_prompt": "", "duration_s": 10.0, "steps": 25, "guidance_scale": 2.5, "scheduler": DEFAULT_SCHEDULER,
+    "model": "audioldm",
+}
+GENERATE_KEYS = ("prompt", "negative_prompt", "duration_s", "steps", "guidance_scale", "seed", "scheduler", "model")
+VARY_DEFAULTS: dict[str, Any] = {"strength": 0.35, "variation": 1}
+RECALL_DEFAULT_TOP_K = 3
+SEED_MAX = 2**63 - 1  # seeds are non-negative int64: what torch generators and the Generate API accept
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A resolved input reference: output ``output`` of step ``step``."""
+
+    step: str
+    output: str
+
+    def __str__(self) -> str:
+        return f"{self.step}.{self.output}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One validated step; ``params`` carry the defaults filled in, so the stored plan is reproducible."""
+
+    id: str
+    type: str
+    params: dict[str, Any]
+    inputs: dict[str, Ref] = field(default_factory=dict)
+    depends_on: tuple[str, ...] = ()
+
+    @property
+    def upstream(self) -> tuple[str, ...]:
+        """Every step this one waits for: explicit dependencies plus the sources of its inputs."""
+        seen: dict[str, None] = dict.fromkeys(self.depends_on)
+        seen.update(dict.fromkeys(ref.step for ref in self.inputs.values()))
+        return tuple(seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "type": self.type, "params": dict(self.params)}
+        if self.inputs:
+            out["inputs"] = {name: str(ref) for name, ref in self.inputs.items()}
+        if self.depends_on:
+            out["depends_on"] = list(self.depends_on)
+        return out
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated plan plus where it came from (``planner``) and why the coordinator's was not used."""
+
+    intent: str
+    steps: tuple[Step, ...]
+    output: tuple[str, ...]
+    version: int = PLAN_VERSION
+    planner: PlannerName = "rules"
+    fallback_reason: str | None = None
+
+    def step(self, step_id: str) -> Step:
+        for s in self.steps:
+            if s.id == step_id:
+                return s
+        raise KeyError(step_id)
+
+    def dependents(self, step_id: str) -> tuple[Step, ...]:
+        return tuple(s for s in self.steps if step_id in s.upstream)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plan as schema-valid JSON (the planner fields live beside it, in the workflow record)."""
+        return {"version": self.version, "intent": self.intent, "steps": [s.to_dict() for s in self.steps],
+                "output": list(self.output)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+
+def topological_order(plan: Plan) -> list[Step]:
+    """Steps in an order where every step comes after its upstream (stable: plan order breaks ties)."""
+    done: set[str] = set()
+    order: list[Step] = []
+    pending = list(plan.steps)
+    while pending:
+        ready = [s for s in pending if all(u in done for u in s.upstream)]
+        for s in ready:
+            order.append(s)
+            done.add(s.id)
+        pending = [s for s in pending if s.id not in done]
+    return order
+
+
+def derive_seed(text: str) -> int:
+    """A seed from text: the same request always renders the same audio, different requests differ."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") & SEED_MAX
+
+
+def wrap_seed(value: int) -> int:
+    """Keep seed arithmetic (seed + 1 at the top of the range) inside 0..2**63-1."""
+    return value % (SEED_MAX + 1)
+
