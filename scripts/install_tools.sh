@@ -100,15 +100,37 @@ if [[ $do_npm == 1 ]]; then
   fi
 fi
 
-# perf_analyzer (from the tritonclient wheel) links libcudart.so.12 even for CPU-only use; NVIDIA's runtime wheel
-# provides it without a CUDA toolkit. tests/test_deploy_manifests.py puts this folder on LD_LIBRARY_PATH.
+# perf_analyzer: tritonclient wheels after 2.4x no longer ship it, and the client that matches the embedded Triton
+# 2.51 is one of those; the 2.41 wheel's binary speaks the same v2 protocol, so it is taken from that wheel (a
+# PyPI package, unpacked, not installed) into build/tools/perf_analyzer/. It links libcudart.so.12 even for CPU-only
+# use; NVIDIA's runtime wheel provides it without a CUDA toolkit. tests/contract/test_deploy_manifests.py puts both
+# folders on PATH / LD_LIBRARY_PATH.
 if [[ $do_pip == 1 ]]; then
+  pa_dir="$TOOLS/perf_analyzer"
+  if [[ ! -x "$pa_dir/perf_analyzer" ]]; then
+    echo "install_tools: perf_analyzer from the tritonclient 2.41.0 wheel into $pa_dir"
+    tmp=$(mktemp -d)
+    "$ROOT/.venv/bin/python" -m pip download --quiet --no-deps --only-binary=:all: -d "$tmp" "tritonclient==2.41.0"
+    mkdir -p "$pa_dir"
+    "$ROOT/.venv/bin/python" - "$tmp" "$pa_dir" <<'PY'
+import sys, zipfile, pathlib
+wheel = next(pathlib.Path(sys.argv[1]).glob("tritonclient-2.41.0-*.whl"))
+out = pathlib.Path(sys.argv[2]) / "perf_analyzer"
+with zipfile.ZipFile(wheel) as zf:
+    name = next(n for n in zf.namelist() if n.endswith("/bin/perf_analyzer"))
+    out.write_bytes(zf.read(name))
+out.chmod(0o755)
+PY
+    rm -rf "$tmp"
+  else
+    echo "install_tools: perf_analyzer present"
+  fi
   cuda_rt="$TOOLS/cuda"
-  if [[ -x "$ROOT/.venv/bin/perf_analyzer" ]] && ! compgen -G "$cuda_rt/nvidia/cuda_runtime/lib/libcudart.so.12*" >/dev/null; then
+  if [[ -x "$pa_dir/perf_analyzer" ]] && ! compgen -G "$cuda_rt/nvidia/cuda_runtime/lib/libcudart.so.12*" >/dev/null; then
     echo "install_tools: pip install nvidia-cuda-runtime-cu12 into $cuda_rt"
     "$ROOT/.venv/bin/python" -m pip install --quiet --target "$cuda_rt" "nvidia-cuda-runtime-cu12>=12,<13"
   else
-    echo "install_tools: perf_analyzer runtime present (or no perf_analyzer in .venv)"
+    echo "install_tools: perf_analyzer runtime present"
   fi
 fi
 

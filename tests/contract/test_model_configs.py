@@ -76,9 +76,10 @@ def test_every_model_shares_one_python_based_backend() -> None:
 
 
 def test_the_backend_directory_has_every_python_based_backend(tmp_path: Path) -> None:
-    """What Triton 2.41 needs for backend: "grym_python": <backend-directory>/grym_python/model.py,
-    and the python backend's library, stub and utils in <backend-directory>/python/. Re-assembling is idempotent
-    and drops a link whose source is gone."""
+    """What Triton needs for backend: "grym_python": <backend-directory>/grym_python/model.py,
+    and the python backend's library, stub and utils in <backend-directory>/python/, as copies (2.51 refuses a
+    library whose real path leaves the backend directory). Re-assembling is idempotent and drops a file whose
+    source is gone."""
     from grym_synth.inference.triton_process import PYTHON_BASED_BACKENDS, prepare_backend_dir
 
     assert PYTHON_BASED_BACKENDS.resolve() == (REPO / "backends").resolve()
@@ -86,12 +87,13 @@ def test_the_backend_directory_has_every_python_based_backend(tmp_path: Path) ->
     python = {p.name for p in (target / "python").iterdir()}
     assert {"libtriton_python.so", "triton_python_backend_stub", "triton_python_backend_utils.py"} <= python
     for name in PYTHON_BASED:
-        sources = {p.name: p.resolve() for p in (REPO / "backends" / name).glob("*.py")}
-        assert {p.name: p.resolve() for p in (target / name).glob("*.py")} == sources
+        sources = {p.name: p.read_bytes() for p in (REPO / "backends" / name).glob("*.py")}
+        assert {p.name: p.read_bytes() for p in (target / name).glob("*.py")} == sources
         assert {"model.py", "onnx_runner.py"} <= set(sources)
-    (target / "grym_python" / "gone.py").symlink_to(tmp_path / "gone.py")
+    assert not any(p.is_symlink() for p in (target / "python").iterdir())
+    (target / "grym_python" / "gone.py").write_text("# a module a newer version no longer has\n")
     prepare_backend_dir(target)
-    assert not (target / "grym_python" / "gone.py").is_symlink()
+    assert not (target / "grym_python" / "gone.py").exists()
 
 
 def test_a_built_repository_picks_up_template_changes_without_reexport(tmp_path: Path) -> None:

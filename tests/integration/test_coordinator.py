@@ -402,21 +402,21 @@ async def test_concurrent_streams_overlap_and_keep_their_seeds(backend):
 
 async def test_invalid_request_gets_an_error_and_final_flag(coord_triton):
     import tritonclient.grpc.aio as triton_aio
-    from tritonclient.grpc import InferInput
 
-    prompt = InferInput("prompt", [1], "BYTES")
-    prompt.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
-    max_tokens = InferInput("max_tokens", [1], "INT32")
-    max_tokens.set_data_from_numpy(np.array([0], dtype=np.int32))
+    from grym_synth.inference.triton_client import _RawStream, _stream_request
 
-    async def requests():
-        yield {"model_name": "coordinator", "inputs": [prompt, max_tokens],
-               "parameters": {"triton_enable_empty_final_response": True}}
-
+    # The raw stream, as TritonClient opens it (empty final response requested), without its error mapping.
+    request = _stream_request("coordinator", {"prompt": np.array([b"x"], dtype=np.object_),
+                                              "max_tokens": np.array([0], dtype=np.int32)}, [], "", None)
     client = triton_aio.InferenceServerClient(coord_triton.grpc_url)
+    responses = []
     try:
-        responses = [item async for item in client.stream_infer(requests(), stream_timeout=30,
-                                                                 headers=coord_triton.auth_headers)]
+        stream = _RawStream.open(client, request, 30, coord_triton.auth_headers)
+        while True:
+            try:
+                responses.append(await stream.__anext__())
+            except StopAsyncIteration:
+                break
     finally:
         await client.close()
     assert len(responses) == 1

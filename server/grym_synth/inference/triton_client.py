@@ -30,7 +30,7 @@ from typing import Any
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_aio
-from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc import InferInput, InferRequestedOutput, InferResult
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from grym_synth.core.errors import (
@@ -151,6 +151,49 @@ def _input(name: str, value: np.ndarray) -> InferInput:
     return inp
 
 
+def _stream_request(model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], request_id: str,
+                    parameters: Mapping[str, Any] | None) -> Any:
+    """The ModelInferRequest of a decoupled stream, asking Triton for an empty response carrying the final flag:
+    that response is how the end of the stream is known (a model may send its final flag with no data). Newer
+    tritonclient releases refuse ``triton_``-prefixed parameters in their public API and the aio client offers no
+    switch for it, so the flag is set on the request message itself."""
+    from tritonclient.grpc._utils import _get_inference_request
+
+    request = _get_inference_request(
+        model_name=model, inputs=[_input(k, v) for k, v in inputs.items()], model_version="",
+        request_id=request_id, outputs=[InferRequestedOutput(o) for o in outputs], sequence_id=0,
+        sequence_start=False, sequence_end=False, priority=0, timeout=None, parameters=dict(parameters or {}) or None,
+    )
+    request.parameters["triton_enable_empty_final_response"].bool_param = True
+    return request
+
+
+class _RawStream:
+    """A ModelStreamInfer call opened on the aio client's own channel and stub with one prepared request; yields
+    ``(InferResult, None)`` or ``(None, InferenceServerException)`` like the client's ``stream_infer``."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+        self._responses = call.__aiter__()
+
+    @classmethod
+    def open(cls, client: Any, request: Any, timeout_s: float | None, headers: Mapping[str, str] | None) -> "_RawStream":
+        async def one() -> AsyncIterator[Any]:
+            yield request
+
+        return cls(client._client_stub.ModelStreamInfer(one(), metadata=client._get_metadata(headers),
+                                                         timeout=timeout_s))
+
+    async def __anext__(self) -> tuple[InferResult | None, InferenceServerException | None]:
+        response = await self._responses.__anext__()
+        if response.error_message:
+            return None, InferenceServerException(msg=response.error_message)
+        return InferResult(response.infer_response), None
+
+    def cancel(self) -> bool:
+        return bool(self._call.cancel())
+
+
 class TritonClient:
     """A pool of async gRPC clients to one Triton server, with a breaker per model."""
 
@@ -255,26 +298,14 @@ class TritonClient:
             total = deadline - time.monotonic()
             if total <= 0:
                 raise DeadlineExceeded("deadline passed before the Triton call started")
-        request = {
-            "model_name": model,
-            "inputs": [_input(k, v) for k, v in inputs.items()],
-            "outputs": [InferRequestedOutput(o) for o in outputs],
-            "request_id": request_id,
-            # The aio client ignores the `enable_empty_final_response` key; the request parameter is what Triton
-            # reads, and the empty final response is how we know the stream is complete.
-            "parameters": {"triton_enable_empty_final_response": True, **dict(parameters or {})},
-        }
-
-        async def requests() -> AsyncIterator[dict[str, Any]]:
-            yield request
-
+        request = _stream_request(model, inputs, outputs, request_id, parameters)
         last: dict[str, np.ndarray] | None = None
         async with breaker.guard():
             responses = None
             finished = False
             client_bound = False
             try:
-                responses = self._client().stream_infer(requests(), stream_timeout=total, headers=self._headers())
+                responses = _RawStream.open(self._client(), request, total, self._headers())
                 while True:
                     wait, client_bound = self._bound(idle_s, deadline)
                     try:

@@ -1,6 +1,6 @@
 """Lifecycle of the embedded ``tritonserver`` process: start, readiness, supervision, and cleanup.
 
-The ``nvidia-pytriton`` wheel ships a real Triton 2.41 binary with the python backend only; its backend stub is
+The ``nvidia-pytriton`` 0.7 wheel ships a real Triton 2.51 binary with the python backend only; its backend stub is
 shipped apart, so we assemble a backend directory (``python/`` = the backend library + the stub for this Python;
 ``grym_python/`` = our Python-based backend, which every model config names) and pass it with
 ``--backend-directory``. The stub finds this virtualenv's site-packages through ``PATH`` (it
@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,12 +41,12 @@ log = logging.getLogger(__name__)
 # The rate-limiter resource every CPU component model declares (model_repository/*/config.pbtxt).
 CPU_RESOURCE = "cpu"
 
-# The key of the secret on Triton's command line; Triton 2.41 then expects the gRPC metadata key
+# The key of the secret on Triton's command line; Triton (2.41 and 2.51) then expects the gRPC metadata key
 # "triton-grpc-protocol-<key>" (lower case, as gRPC metadata keys are) and answers UNAVAILABLE "This protocol is
 # restricted, expecting header ..." without it.
 AUTH_KEY = "grym-triton-key"
 AUTH_HEADER = f"triton-grpc-protocol-{AUTH_KEY}"
-# Every protocol group Triton 2.41 can restrict (``tritonserver --help``): with one secret for all of them, a
+# Every protocol group Triton 2.51 can restrict (``tritonserver --help``): with one secret for all of them, a
 # local caller without it gets nothing, not even liveness or the model list.
 RESTRICTED_GROUPS = ("health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
                      "statistics", "trace", "logging")
@@ -84,28 +85,33 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _link_files(sources: Iterable[Path], folder: Path) -> None:
-    """Make ``folder`` hold exactly one symlink per source (same name), replacing links that point elsewhere and
-    removing links whose source is gone (a module renamed in a newer version)."""
+def _copy_files(sources: Iterable[Path], folder: Path) -> None:
+    """Make ``folder`` hold exactly one copy of each source (same name): copied when missing or different (size or
+    mtime), files whose source is gone removed. Copies, not links: Triton 2.51 refuses a backend library whose real
+    path "escapes" the backend directory, which a symlink into the nvidia-pytriton wheel does."""
     folder.mkdir(parents=True, exist_ok=True)
     wanted = {src.name: src for src in sources if src.name != "__pycache__"}
     for stale in folder.iterdir():
-        if stale.is_symlink() and stale.name not in wanted:
+        if stale.name not in wanted and (stale.is_file() or stale.is_symlink()):
             stale.unlink()
     for name, src in wanted.items():
-        link = folder / name
-        if link.is_symlink() or link.exists():
-            if link.resolve() == src.resolve():
+        dst = folder / name
+        if dst.is_symlink():
+            dst.unlink()
+        if dst.exists():
+            a, b = src.stat(), dst.stat()
+            if a.st_size == b.st_size and int(a.st_mtime) == int(b.st_mtime):
                 continue
-            link.unlink()
-        link.symlink_to(src)
+        tmp = dst.with_name(f".{name}.tmp")
+        shutil.copy2(src, tmp)
+        os.replace(tmp, dst)  # atomic: a Triton starting meanwhile never loads a half-written library
 
 
 def prepare_backend_dir(target: Path) -> Path:
-    """Assemble Triton's backend directory in ``target``: ``python/`` (links to the python backend and the stub
-    matching this interpreter) and ``<name>/`` for each of our Python-based backends (links to its modules).
+    """Assemble Triton's backend directory in ``target``: ``python/`` (copies of the python backend and the stub
+    matching this interpreter) and ``<name>/`` for each of our Python-based backends (copies of its modules).
 
-    Triton 2.41 resolves a config's ``backend: "<name>"`` to ``libtriton_<name>.so`` (model folder, then
+    Triton 2.51 resolves a config's ``backend: "<name>"`` to ``libtriton_<name>.so`` (model folder, then
     ``<backend-directory>/<name>/``) and otherwise to a Python-based backend ``<backend-directory>/<name>/model.py``;
     that runs on the python backend's libtriton_python.so, stub and triton_python_backend_utils.py, taken from
     ``<name>/`` when present there and from ``python/`` otherwise (ours hold only Python files). The stub puts
@@ -116,10 +122,10 @@ def prepare_backend_dir(target: Path) -> Path:
     stub = root / "python_backend_stubs" / py / "triton_python_backend_stub"
     if not stub.exists():
         raise TritonStartError(f"nvidia-pytriton ships no python backend stub for Python {py} ({stub})")
-    _link_files([*sorted((root / "backends" / "python").iterdir()), stub], target / "python")
+    _copy_files([*sorted((root / "backends" / "python").iterdir()), stub], target / "python")
     for backend in sorted(PYTHON_BASED_BACKENDS.iterdir()):
         if (backend / "model.py").is_file():
-            _link_files(sorted(f for f in backend.iterdir() if f.is_file()), target / backend.name)
+            _copy_files(sorted(f for f in backend.iterdir() if f.is_file()), target / backend.name)
     return target
 
 
@@ -254,9 +260,12 @@ class EmbeddedTriton:
         # The stub must link the libpython of *this* interpreter: it loads this interpreter's stdlib extension
         # modules, and a different patch release of libpython (e.g. the system's 3.11.2 vs a 3.11.7 venv) lacks
         # symbols they need (ImportError in _ssl as soon as a model imports huggingface_hub).
-        libdir = interpreter_libdir()
-        if libdir:
-            env["LD_LIBRARY_PATH"] = libdir + os.pathsep + env.get("LD_LIBRARY_PATH", "")
+        libdirs = [interpreter_libdir()]
+        # The backend library and the stub are copies (see _copy_files), so their $ORIGIN-relative RPATH no longer
+        # reaches the wheel's bundled libraries (libcudart, libarchive...): name that folder explicitly.
+        bundled = pytriton_root().parent.parent / "nvidia_pytriton.libs"
+        libdirs.append(str(bundled) if bundled.is_dir() else None)
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [*libdirs, env.get("LD_LIBRARY_PATH")]))
         # One ORT/torch thread pool per stub process is sized by the model configs, not by OMP defaults.
         env.setdefault("OMP_NUM_THREADS", "1")
         return env
