@@ -18,6 +18,10 @@ import io
 import json
 import os
 import sys
+
+# gRPC's C core logs (e.g. a failed TLS handshake) straight to stderr, which would break "one error line": silence it
+# before grpc loads, unless the user asks for it (GRPC_VERBOSITY=debug to diagnose a connection).
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -102,7 +106,8 @@ def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
 
 def _command(sub: Any, name: str, help_text: str) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
+    parser = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter,
+                            allow_abbrev=False)
     _connection_options(parser, top=False)
     return parser
 
@@ -129,7 +134,9 @@ def _music_filter_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> Parser:
-    parser = Parser(prog="grym", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter)
+    # allow_abbrev=False: a script's --see must not silently mean --seed today and fail when --seek is added.
+    parser = Parser(prog="grym", description=__doc__, epilog=EPILOG, formatter_class=HelpFormatter,
+                    allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"grym {__version__}")
     _connection_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -723,7 +730,10 @@ def connect(args: argparse.Namespace) -> Client:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error already printed as one line
+        return int(exc.code or 0)
     if args.command == "completion":
         print(completion_script(args.shell), end="")
         return EXIT_OK
