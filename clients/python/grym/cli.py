@@ -30,7 +30,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from grym._version import __version__
-from grym.client import (DEFAULT_SCHEDULER, EXTENSION_FORMATS, FORMATS, MODES, MUSIC_DETAILS, SCHEDULERS, SPACES,
+from grym.client import (DEFAULT_SCHEDULER, DEFAULT_TIMEOUT_S, EXTENSION_FORMATS, FORMATS, MODES, MUSIC_DETAILS, SCHEDULERS, SPACES,
                          Client, GrymError, analyze_request, channel_credentials, compose_request, describe_request,
                          generate_request, music_filter, output_format, read_token, same_format, search_request,
                          stream_requests)
@@ -40,6 +40,7 @@ EXIT_OK = 0
 EXIT_SERVER = 1  # the server answered with an error status, is not serving, or a workflow did not succeed
 EXIT_USAGE = 2  # bad flags or input: a missing or undecodable file, an unknown output extension
 EXIT_INTERRUPTED = 130
+LONG_TIMEOUT_S = 600.0  # generate and compose: minutes of model work are normal, not a hung server
 
 EPILOG = """exit codes: 0 ok; 1 the server answered with an error (its gRPC code is printed), is not serving, or
 a workflow did not succeed; 2 a usage or input error (bad flag, missing file, unknown output extension);
@@ -91,7 +92,9 @@ def _connection_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 
     parser.add_argument("--target", default=default(os.environ.get("GRYM_TARGET", "localhost:50051")),
                         help="server address host:port (env GRYM_TARGET)")
-    parser.add_argument("--timeout", type=float, default=default(60.0), help="deadline of each call, seconds")
+    parser.add_argument("--timeout", type=float, default=default(None),
+                        help=f"deadline of each call, seconds (default: {DEFAULT_TIMEOUT_S:g}; generate and compose: "
+                             f"{LONG_TIMEOUT_S:g})")
     parser.add_argument("--token-file", default=default(os.environ.get("GRYM_TOKEN_FILE")),
                         help="file whose first line is the bearer token (else env GRYM_TOKEN)")
     parser.add_argument("--tls", action="store_true", default=default(False),
@@ -726,7 +729,8 @@ def connect(args: argparse.Namespace) -> Client:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     options = [("grpc.ssl_target_name_override", args.tls_server_name)] if args.tls_server_name else []
-    return Client(args.target, timeout_s=args.timeout, credentials=credentials, token=token, options=options)
+    timeout = args.timeout or (LONG_TIMEOUT_S if args.command in ("generate", "compose") else DEFAULT_TIMEOUT_S)
+    return Client(args.target, timeout_s=timeout, credentials=credentials, token=token, options=options)
 
 
 def main(argv: list[str] | None = None) -> int:
