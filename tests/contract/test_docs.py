@@ -53,24 +53,28 @@ def _snippets(path: Path) -> Iterator[str]:
 def commands_in(path: Path) -> list[list[str]]:
     """Every ``grym``/``grym-synth`` invocation in ``path`` as argv (program first), up to the next shell operator.
     ``<placeholders>`` become a word; comments and redirections are dropped."""
+    return [argv for line in _snippets(path) for argv in commands_in_line(line)]
+
+
+def commands_in_line(line: str) -> list[list[str]]:
+    """The ``grym``/``grym-synth`` invocations of one shell line."""
     found = []
-    for line in _snippets(path):
-        line = PLACEHOLDER.sub("PLACEHOLDER", line)
-        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
-        lexer.whitespace_split = True
-        lexer.commenters = "#"
-        try:
-            tokens = list(lexer)
-        except ValueError:  # an unbalanced quote: prose, not a command
-            continue
-        for i, token in enumerate(tokens):
-            if token in PROGRAMS and (i == 0 or tokens[i - 1] in SEPARATORS or "=" in tokens[i - 1]):
-                argv = [token]
-                for word in tokens[i + 1:]:
-                    if word in SEPARATORS or set(word) <= set(";&|()<>"):
-                        break
-                    argv.append(word)
-                found.append(argv)
+    line = PLACEHOLDER.sub("PLACEHOLDER", line)
+    lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    try:
+        tokens = list(lexer)
+    except ValueError:  # an unbalanced quote: prose, not a command
+        return []
+    for i, token in enumerate(tokens):
+        if token in PROGRAMS and (i == 0 or tokens[i - 1] in SEPARATORS or "=" in tokens[i - 1]):
+            argv = [token]
+            for word in tokens[i + 1:]:
+                if word in SEPARATORS or set(word) <= set(";&|()<>"):
+                    break
+                argv.append(word)
+            found.append(argv)
     return found
 
 

@@ -271,3 +271,33 @@ def test_token_and_mutual_tls(secured, song: Path) -> None:  # type: ignore[no-u
     one_error_line(run(proc.target, "--timeout", "5", "health"), EXIT_SERVER, "UNAVAILABLE")
     one_error_line(run(proc.target, "--tls", "--timeout", "5", "health"), EXIT_SERVER, "UNAVAILABLE")
     one_error_line(run(proc.target, "--tls-cert", str(pki["client.pem"]), "health"), EXIT_USAGE, "--tls-key")
+
+
+async def test_async_client_has_the_sync_clients_calls(orchestrator: OrchestratorProcess, song: Path) -> None:
+    """The methods the async client lacked before (workflows, clusters, rate, list_patterns), and the rest, against
+    the real server."""
+    from grym import AsyncClient, GrymError
+    from grym.v1 import orchestrator_pb2 as pb
+
+    async with AsyncClient(orchestrator.target, timeout_s=120) as c:
+        a = await c.analyze(str(song), store=True, tags={"test": "async-cli"})
+        assert (await c.get_pattern(a.pattern_id, include_embedding=True)).embedding
+        listed = [p.pattern_id async for p in c.list_patterns(page_size=1, tag_filter={"test": "async-cli"})]
+        assert listed == [a.pattern_id]
+        assert (await c.rate(a.pattern_id, 4, "fine")).rating_count == 1
+        assert isinstance(await c.clusters(), list)
+        assert all(m.pattern.pattern_id != a.pattern_id for m in await c.search(pattern_id=a.pattern_id, top_k=3))
+        workflows = await c.list_workflows(page_size=5)
+        for w in workflows[:1]:
+            assert (await c.get_workflow(w.workflow_id)).workflow_id == w.workflow_id
+        raw = await c.call("GetPattern", pb.GetPatternRequest(pattern_id=a.pattern_id))
+        assert raw.pattern.pattern_id == a.pattern_id
+        results = [m async for m in c.stream_analyze(tone(12.0, 16_000, seed=9), 16_000)]
+        assert [m.is_final for m in results] == [False, False, True]
+        assert await c.health() == "SERVING"
+        with pytest.raises(GrymError) as err:
+            await c.health("bogus")
+        assert err.value.code.name == "NOT_FOUND" and "milvus" in err.value.message
+        await c.delete_pattern(a.pattern_id)
+        with pytest.raises(GrymError):
+            await c.get_pattern(a.pattern_id)

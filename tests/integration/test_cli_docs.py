@@ -104,7 +104,7 @@ def test_serve_prints_and_writes_the_embedded_tritons_ports(perf_analyzer, tmp_p
 def test_readme_grym_commands_run(orchestrator: OrchestratorProcess, tmp_path: Path) -> None:
     """Every `grym` command of README.md, run as written against the test server, with its files made real:
     song.wav and long.wav exist, <pattern-id> is a stored pattern, outputs go to a temporary folder, and compose
-    asks for a short piece (the tiny models on a 2-core box). Commands needing a TLS server are run by
+    asks for a 2 second piece (the tiny models on a 2-core box). Commands needing a TLS server are run by
     tests/integration/test_cli.py::test_token_and_mutual_tls."""
     (tmp_path / "song.wav").write_bytes(wav_bytes(tone(2.0, 16_000, 440.0, seed=11), 16_000))
     (tmp_path / "long.wav").write_bytes(wav_bytes(tone(12.0, 16_000, 220.0, seed=12), 16_000))
@@ -124,8 +124,8 @@ def test_readme_grym_commands_run(orchestrator: OrchestratorProcess, tmp_path: P
         if "--target" in args:  # the README's localhost:50051 is the test server here
             i = args.index("--target")
             del args[i:i + 2]
-        if args and args[0] == "compose":
-            args += ["--seconds", "2", "--max-tokens", "16"]
+        if args and args[0] == "compose":  # the request text sets the length (servers without --seconds too)
+            args = [a.replace("90 second", "2 second") for a in args] + ["--max-tokens", "16"]
         result = grym(args)
         assert result.returncode == 0, f"README: grym {shlex.join(args)}\n{result.stderr}"
         assert "Traceback" not in result.stderr

@@ -126,3 +126,64 @@ def test_stream_final_music_description(target: str, audio_dir: Path) -> None:
     assert result.returncode == EXIT_OK, result.stderr
     doc = json.loads(result.stdout)
     assert doc["final"]["music"]["models"]
+
+
+def test_docs_cli_md_commands_run(orchestrator: OrchestratorProcess, tmp_path: Path) -> None:
+    """Every `grym` command of the examples in docs/cli.md, run as written (files made real, the example ids replaced
+    by real ones, the 90 s piece shortened) against the test server. TLS/token examples: test_cli.py."""
+    import importlib.util
+    import os
+    import re
+
+    from support import ROOT, wav_bytes
+
+    spec = importlib.util.spec_from_file_location("docs_contract", ROOT / "tests" / "contract" / "test_docs.py")
+    docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(docs)  # type: ignore[union-attr]
+    clip = tone(3.0, 44_100, 330.0, channels=2, seed=31)
+    sf.write(tmp_path / "song.wav", clip, 44_100)
+    sf.write(tmp_path / "song.flac", clip, 44_100, format="FLAC")
+    sf.write(tmp_path / "concert.mp3", tone(14.0, 44_100, 220.0, seed=32), 44_100, format="MP3")
+    (tmp_path / "take1.wav").write_bytes(wav_bytes(tone(4.0, 16_000, 262.0, seed=33), 16_000))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRYM_")}
+    env["GRYM_TARGET"] = orchestrator.target
+    first = json.loads(subprocess.run([*grym_command(), "generate", "a bell", "--seconds", "1", "--steps", "2",
+                                       "--store", "--out", str(tmp_path / "bell.wav"), "--json"], env=env,
+                                      capture_output=True, timeout=600).stdout)
+    ids = {"3f2c9a4e-0000-4000-8000-000000000000": first["result"]["pattern_id"], "9d1e0f5b2c3a4d5e": ""}
+    ran = 0
+    text = (ROOT / "docs" / "cli.md").read_text()
+    for block in docs.FENCE.findall(text):
+        for line in block.replace("\\\n", " ").splitlines():
+            for argv in docs.commands_in_line(line):
+                if argv[0] != "grym" or any(a.startswith(("--tls", "--token", "--target")) for a in argv):
+                    continue
+                args = [ids.get(a) or a for a in argv[1:]]
+                args = ["3" if a == "90" else a for a in args]
+                stdin = (tmp_path / "take1.wav").read_bytes() if "-" in args else None
+                result = subprocess.run([*grym_command(), *args], cwd=tmp_path, env=env, input=stdin,
+                                        capture_output=True, timeout=600)
+                assert result.returncode == 0, f"docs/cli.md: grym {' '.join(args)}\n{result.stderr.decode()}"
+                out = result.stdout.decode()
+                if args[0] == "generate" and "--store" in args:
+                    ids["3f2c9a4e-0000-4000-8000-000000000000"] = json.loads(out)["pattern_id"]
+                if args[0] == "compose":
+                    ids["9d1e0f5b2c3a4d5e"] = re.search(r'"workflow_id": "([^"]+)"', out).group(1)
+                ran += 1
+    assert ran >= 15 and all(ids.values())
+
+
+async def test_library_describe_and_pattern_audio(orchestrator: OrchestratorProcess, generated_pattern: str,
+                                                  audio_dir: Path) -> None:
+    from grym import AsyncClient, Client
+    from grym.v1 import common_pb2
+
+    with Client(orchestrator.target, timeout_s=120) as c:
+        assert c.describe(str(audio_dir / "in.flac")).caption
+        chunks = [m.audio for m in c.pattern_audio(generated_pattern, audio_format=common_pb2.AUDIO_FORMAT_FLAC)]
+        assert chunks[-1].last and chunks[0].format == common_pb2.AUDIO_FORMAT_FLAC
+        assert c.search(text="strings", top_k=3) is not None
+    async with AsyncClient(orchestrator.target, timeout_s=120) as c:
+        assert (await c.describe(pattern_id=generated_pattern)).caption
+        chunks = [m.audio async for m in c.pattern_audio(generated_pattern)]
+        assert chunks and chunks[-1].last

@@ -386,3 +386,26 @@ def test_midi_round_trip_and_edge_cases() -> None:
     assert read_midi_notes(midi_bytes([])) == []
     long_note = common_pb2.Note(pitch=1, start_seconds=0, end_seconds=300, velocity=1)  # multi-byte delta
     assert read_midi_notes(midi_bytes([long_note])) == [(1, 0, 300 * TICKS_PER_SECOND, 1)]
+
+
+def test_compose_narrative_on_a_terminal(capsys) -> None:
+    progress, state = cli.Progress(enabled=True), {"quiet": False}
+    events = [pb.ComposeResponse(token=pb.CoordinatorToken(kind=pb.CoordinatorToken.KIND_THINKING, text="hmm")),
+              pb.ComposeResponse(token=pb.CoordinatorToken(kind=pb.CoordinatorToken.KIND_ANSWER, text="{}")),
+              pb.ComposeResponse(plan=pb.ComposePlan(planner=pb.ComposePlan.PLANNER_RULES, fallback_reason="no JSON",
+                                                     plan_json='{"steps": []}')),
+              pb.ComposeResponse(step=pb.ComposeStep(step_id="g1", state=pb.ComposeStep.STATE_PROGRESS, done=1,
+                                                     total=4)),
+              pb.ComposeResponse(step=pb.ComposeStep(step_id="g1", step_type="generate",
+                                                     state=pb.ComposeStep.STATE_FAILED, error="boom")),
+              pb.ComposeResponse(progress=pb.ComposeProgress(done=2, total=4))]
+    for event in events:
+        cli._compose_narrative(event, progress, state)
+    progress.done()
+    err = capsys.readouterr().err
+    for needle in ("--- coordinator thinking ---", "hmm", "--- coordinator answer ---", "plan by rules (no JSON)",
+                   "g1 (generate) failed boom", "piece 2/4"):
+        assert needle in err, needle
+    for event in events:  # and nothing at all when stderr is not a terminal
+        cli._compose_narrative(event, cli.Progress(enabled=False), {"quiet": False})
+    assert capsys.readouterr().err == ""
