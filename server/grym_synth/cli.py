@@ -102,10 +102,13 @@ async def _serve(settings: Settings, port_file: Path | None) -> int:
 def _announce(endpoints: dict[str, Any], ports_path: Path) -> None:
     """Say where everything listens (stdout) and write it as JSON to the ports file, so that scripts (e.g. a
     perf_analyzer command line, docs/perf_analyzer.md) can find the embedded Triton's randomly chosen ports."""
-    ports_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ports_path.with_name(ports_path.name + ".tmp")
-    tmp.write_text(json.dumps(endpoints, indent=2) + "\n")
-    tmp.replace(ports_path)  # readers never see half a file
+    try:
+        ports_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ports_path.with_name(ports_path.name + ".tmp")
+        tmp.write_text(json.dumps(endpoints, indent=2) + "\n")
+        tmp.replace(ports_path)  # readers never see half a file
+    except OSError as exc:  # the server runs fine without it: say so, do not stop
+        log.warning("cannot write the ports file %s: %s", ports_path, exc.strerror)
     e = endpoints
     triton = f"triton gRPC {e['triton_grpc_url']}"
     if e["triton_metrics_url"]:
