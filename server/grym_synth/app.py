@@ -327,6 +327,24 @@ class App:
         await self.store.count()
         return True
 
+    def endpoints(self) -> dict[str, Any]:
+        """Where everything listens, for the ports file (``grym-synth serve``) and the start-up line: the API and
+        metrics ports, and Triton's gRPC URL (the embedded server's real, randomly chosen ports included)."""
+        s = self.settings
+        out: dict[str, Any] = {"host": s.host, "grpc_port": self.port, "metrics_port": self.metrics_port,
+                               "tls": bool(s.tls_cert), "triton_embedded": s.embedded_triton,
+                               "triton_grpc_url": self.triton.url if self.triton else s.triton_url,
+                               "triton_grpc_port": None, "triton_metrics_url": None, "triton_http_url": None,
+                               "triton_restricted": s.triton_restrict if s.embedded_triton else None}
+        if self.triton_process is not None:
+            t = self.triton_process
+            out.update(triton_grpc_port=t.grpc_port, triton_metrics_url=t.metrics_url,
+                       triton_http_url=t.http_url if s.triton_http else None)
+        elif out["triton_grpc_url"]:
+            port = str(out["triton_grpc_url"]).rsplit(":", 1)[-1]
+            out["triton_grpc_port"] = int(port) if port.isdigit() else None
+        return out
+
     # --- stop ---------------------------------------------------------------------------------------------------
     async def stop(self, grace_s: float | None = None) -> None:
         """Drain, then close everything; safe to call twice."""

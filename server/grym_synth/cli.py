@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -82,8 +83,9 @@ async def _serve(settings: Settings, port_file: Path | None) -> int:
     if start in done and start.exception() is None:
         if port_file:
             port_file.write_text(f"{app.port} {app.metrics_port}\n")
-        print(f"grym-synth ready on {settings.host}:{app.port} (metrics :{app.metrics_port})", flush=True)
+        _announce(app.endpoints(), settings.ports_path)
         await stop_requested.wait()
+        settings.ports_path.unlink(missing_ok=True)
         log.info("signal received: draining for up to %.0fs", settings.grace_period_s)
         code = 0
     else:
@@ -95,6 +97,24 @@ async def _serve(settings: Settings, port_file: Path | None) -> int:
         code = 1 if exc else 0
     await app.stop()
     return code
+
+
+def _announce(endpoints: dict[str, Any], ports_path: Path) -> None:
+    """Say where everything listens (stdout) and write it as JSON to the ports file, so that scripts (e.g. a
+    perf_analyzer command line, docs/perf_analyzer.md) can find the embedded Triton's randomly chosen ports."""
+    try:
+        ports_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = ports_path.with_name(ports_path.name + ".tmp")
+        tmp.write_text(json.dumps(endpoints, indent=2) + "\n")
+        tmp.replace(ports_path)  # readers never see half a file
+    except OSError as exc:  # the server runs fine without it: say so, do not stop
+        log.warning("cannot write the ports file %s: %s", ports_path, exc.strerror)
+    e = endpoints
+    triton = f"triton gRPC {e['triton_grpc_url']}"
+    if e["triton_metrics_url"]:
+        triton += f", triton metrics {e['triton_metrics_url']}"
+    print(f"grym-synth ready on {e['host']}:{e['grpc_port']} (metrics :{e['metrics_port']}; {triton}; "
+          f"ports in {ports_path})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

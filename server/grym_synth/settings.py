@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     metrics_port: int = Field(9464, ge=0, le=65535, description="Prometheus /metrics HTTP port (0: free port).")
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted or sent.")
     grace_period_s: float = Field(10.0, ge=0, description="SIGTERM drain time for in-flight requests.")
+    ports_file: Path | None = Field(
+        None, description="Where serve writes the bound ports as JSON once ready (API, metrics, Triton gRPC and "
+                          "metrics: for perf_analyzer and scripts); unset: DATA_DIR/ports.json. Removed on stop."
+    )
 
     # --- data and models ----------------------------------------------------------------------------------------
     data_dir: Path = Field(Path("data"), description="Where generated model repositories and databases live "
@@ -194,6 +198,11 @@ class Settings(BaseSettings):
     def repository_dir(self) -> Path:
         """The materialised Triton model repository for this profile."""
         return self.data_dir / "model_repository" / self.profile
+
+    @property
+    def ports_path(self) -> Path:
+        """Where ``serve`` writes the ports file."""
+        return self.ports_file or self.data_dir / "ports.json"
 
     @property
     def workflow_store_target(self) -> str:
