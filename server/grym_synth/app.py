@@ -192,9 +192,8 @@ class App:
         log.info("supervisor: Triton breakers reset")
 
     async def _poll_triton_stats(self, interval_s: float = 5.0) -> None:
-        """Export Triton's own queue vs compute split per model (averages over the last interval)."""
+        """Export Triton's own queue vs compute time per model as counters (Metrics.record_triton_stats)."""
         assert self.triton is not None
-        last: dict[str, tuple[float, float, float]] = {}
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -202,19 +201,7 @@ class App:
             except Exception as exc:  # Triton down: health and breakers report it; keep polling
                 log.debug("triton statistics unavailable: %s", exc)
                 continue
-            for model in stats.get("model_stats", []):
-                inf = model.get("inference_stats", {})
-                count = float(inf.get("success", {}).get("count", 0))
-                queue = float(inf.get("queue", {}).get("ns", 0))
-                compute = sum(float(inf.get(k, {}).get("ns", 0))
-                              for k in ("compute_input", "compute_infer", "compute_output"))
-                name = model.get("name", "")
-                prev = last.get(name)
-                last[name] = (count, queue, compute)
-                if prev and count > prev[0]:
-                    n = count - prev[0]
-                    self.metrics.triton_queue.labels(name).set((queue - prev[1]) / n / 1e9)
-                    self.metrics.triton_compute.labels(name).set((compute - prev[2]) / n / 1e9)
+            self.metrics.record_triton_stats(stats)
 
     async def start(self) -> None:
         """Serve health at once (NOT_SERVING), then boot; returns when every component is ready."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import re
@@ -45,6 +46,14 @@ from grym_synth.core.resilience import AdmissionControl
 log = logging.getLogger(__name__)
 
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+# Methods that stream responses or requests: their non-OK ends (client cancellations aside) are stream errors.
+STREAMING_METHODS = frozenset(m.name for m in pb.DESCRIPTOR.services_by_name["Orchestrator"].methods
+                              if m.server_streaming or m.client_streaming)
+# Set by _write_all when a client read nothing for stream_write_timeout_s, so that the closing producer's scope
+# records DEADLINE_EXCEEDED (what the client is told) rather than a cancellation.
+_write_timed_out: contextvars.ContextVar[bool] = contextvars.ContextVar("write_timed_out", default=False)
 
 
 def _request_id(given: str) -> str:
@@ -126,8 +135,8 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
         except grpc.aio.AbortError:
             raise
         except BaseException as exc:
-            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client went away
-                scope.code = grpc.StatusCode.CANCELLED
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client went away (or stopped reading)
+                scope.code = grpc.StatusCode.DEADLINE_EXCEEDED if _write_timed_out.get() else grpc.StatusCode.CANCELLED
                 raise
             scope.code = grpc.StatusCode.INTERNAL
             log.exception("%s crashed", method)  # type, message and traceback: in the log, with the request id
@@ -136,6 +145,8 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                                 f"internal error; quote request_id={scope.request_id or '-'} when reporting it")
         finally:
             self.metrics.rpc_requests.labels(method, scope.code.name).inc()
+            if method in STREAMING_METHODS and scope.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                self.metrics.stream_errors.labels(method, scope.code.name).inc()
             # The request id rides along as an OpenMetrics exemplar: traceable without a label per request.
             exemplar = {"request_id": scope.request_id[:64]} if scope.request_id else None
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - started, exemplar=exemplar)
@@ -162,6 +173,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     await asyncio.wait_for(context.write(message), self.write_timeout_s)
                 except TimeoutError:
                     timed_out = message
+                    _write_timed_out.set(True)  # the producer's scope, closed next in this context, reads it
                     break
         if timed_out is None:
             return
