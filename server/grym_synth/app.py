@@ -35,6 +35,7 @@ from grym_synth.generation.service import GenerationService
 from grym_synth.generation.service import load_limits as load_generation_limits
 from grym_synth.generation.service import use_limits as use_generation_limits
 from grym_synth.api.health import HealthMonitor
+from grym_synth.core.logs import FileFollower
 from grym_synth.core.metrics import Metrics
 from grym_synth.memory.store import PatternStore
 from grym_synth.core.cache import LruCache
@@ -63,6 +64,7 @@ class App:
         self.metrics = metrics or Metrics()
         self.gate = Gate()
         self.triton_process: EmbeddedTriton | None = None
+        self._triton_log: FileFollower | None = None
         self.triton: TritonClient | None = None
         self.store: PatternStore | None = None
         self.server: grpc.aio.Server | None = None
@@ -98,6 +100,9 @@ class App:
             rate_limit=s.triton_rate_limit, http=s.triton_http, restrict=s.triton_restrict,
             models=s.triton_model_list,
         )
+        # Triton and its python stubs write glog lines to their file; the server's log re-emits them as JSON lines
+        # (logger "tritonserver"), across supervised restarts (the file is appended to, never truncated).
+        self._triton_log = FileFollower(self.triton_process.log_path, logging.getLogger("tritonserver")).start()
         return self.triton_process.grpc_url
 
     def _triton_headers(self) -> dict[str, str] | None:
@@ -349,6 +354,8 @@ class App:
             self.workflows.close()
         if self.triton_process:
             await asyncio.to_thread(self.triton_process.stop)
+        if self._triton_log:
+            await asyncio.to_thread(self._triton_log.stop)
         self.metrics.close()
         log.info("grym-synth stopped")
 
