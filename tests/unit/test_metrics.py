@@ -63,3 +63,28 @@ def test_names_follow_prometheus_conventions() -> None:
             assert base.split("_")[-1] in ("seconds", "bytes"), name  # the unit is last (before _total)
     assert 'grym_stream_errors_total{code="DEADLINE_EXCEEDED",method="Generate"} 1.0' in text
     assert 'grym_triton_errors_total{code="DEADLINE_EXCEEDED",model="audioldm"} 1.0' in text
+
+
+class _Context:
+    def __init__(self, remaining: float | None) -> None:
+        self.remaining = remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+def test_a_cancel_at_the_deadline_is_labelled_deadline_exceeded() -> None:
+    import grpc
+
+    from grym_synth.api import servicer
+
+    assert servicer._cancel_code(_Context(None)) == grpc.StatusCode.CANCELLED  # no deadline: the client cancelled
+    assert servicer._cancel_code(_Context(30.0)) == grpc.StatusCode.CANCELLED
+    assert servicer._cancel_code(_Context(0.1)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert servicer._cancel_code(object()) == grpc.StatusCode.CANCELLED  # type: ignore[arg-type]
+    token = servicer._write_timed_out.set(True)
+    try:
+        assert servicer._cancel_code(_Context(30.0)) == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        servicer._write_timed_out.reset(token)
+    assert "Generate" in servicer.STREAMING_METHODS and "AnalyzeAudio" not in servicer.STREAMING_METHODS

@@ -56,6 +56,24 @@ STREAMING_METHODS = frozenset(m.name for m in pb.DESCRIPTOR.services_by_name["Or
 _write_timed_out: contextvars.ContextVar[bool] = contextvars.ContextVar("write_timed_out", default=False)
 
 
+DEADLINE_SLACK_S = 0.5
+
+
+def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """How a call that was cancelled under us ended: a timeout (the client's deadline passed, or the client read
+    nothing for stream_write_timeout_s) is DEADLINE_EXCEEDED, as the client sees it; otherwise CANCELLED."""
+    if _write_timed_out.get():
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # a context without a deadline API (tests' fakes): no deadline to compare with
+        remaining = None
+    # The server's deadline is the client's timeout counted from when the call arrived, so it trails the client's
+    # by the transit time: a cancel that close to it is the client's deadline, not a user's cancel.
+    near = remaining is not None and remaining <= DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if near else grpc.StatusCode.CANCELLED
+
+
 def _request_id(given: str) -> str:
     if not given:
         return uuid.uuid4().hex
@@ -136,7 +154,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             raise
         except BaseException as exc:
             if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client went away (or stopped reading)
-                scope.code = grpc.StatusCode.DEADLINE_EXCEEDED if _write_timed_out.get() else grpc.StatusCode.CANCELLED
+                scope.code = _cancel_code(context)
                 raise
             scope.code = grpc.StatusCode.INTERNAL
             log.exception("%s crashed", method)  # type, message and traceback: in the log, with the request id
