@@ -221,3 +221,25 @@ def test_chunks_concatenate_to_one_file_in_the_format(fmt: AudioFormat) -> None:
 
 def test_decodable_names_are_the_documented_inputs() -> None:
     assert DECODABLE == {"WAV", "FLAC", "OGG/Vorbis", "OGG/Opus", "MP3"}
+
+
+def test_detection_edge_cases() -> None:
+    flac = encode_audio(music(0.2), RATE, AudioFormat.FLAC)
+    id3 = b"ID3\x04\x00\x00" + bytes([0, 0, 0, 4]) + bytes(4)
+    assert detect_format(id3 + flac) == "FLAC"  # FLAC behind an ID3 tag
+    assert detect_format(b"OggS" + bytes(10)) == "a truncated OGG file"
+    assert detect_format(_ogg_page(b"\x01unknown" + bytes(16))) == "an OGG file with an unknown codec"
+    assert detect_format(b"\xff\xeb\x00\x00" + bytes(8)) == "not in a recognised audio format"  # reserved version
+    assert detect_format(b"\xff\xfd\x90\x00" + bytes(8)) == "an MPEG Layer II stream"
+    assert detect_format(b"\xff\xff\x90\x00" + bytes(8)) == "an MPEG Layer I stream"
+
+
+def test_out_of_range_layouts_are_refused() -> None:
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((100, 1), np.float32), 500, format="WAV")  # 500 Hz: below MIN_RATE_HZ
+    with pytest.raises(InvalidArgument, match="sample rate of 500 Hz"):
+        decode_file(buf.getvalue(), max_seconds=60)
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros((10, 40), np.float32), 16_000, format="WAV", subtype="FLOAT")
+    with pytest.raises(InvalidArgument, match="has 40 channels"):
+        decode_file(buf.getvalue(), max_seconds=60)
