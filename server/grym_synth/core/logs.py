@@ -121,7 +121,8 @@ class StderrCapture:
 
 # Level prefixes native code writes: glog ("W1130 12:00:00.0 ...", torch's "[W1130 ...]") and Python logging's
 # default "LEVEL:name:" / "[LEVEL]" forms. Anything else written to stderr is a WARNING: nobody meant it as a log.
-_STDERR_LEVEL = re.compile(r"^\[?(?:([IWEF])\d{4} |(DEBUG|INFO|WARNING|ERROR|CRITICAL)[:\]])|\[(DEBUG|INFO|WARNING|ERROR)\]")
+_STDERR_LEVEL = re.compile(r"^\[?(?:([IWEF])\d{4} |(DEBUG|INFO|WARNING|ERROR|CRITICAL)[:\]])"
+                           r"|\[(DEBUG|INFO|WARNING|ERROR)\]")
 _GLOG_NAMES = {"I": "INFO", "W": "WARNING", "E": "ERROR", "F": "CRITICAL"}
 
 
