@@ -72,3 +72,16 @@ def test_stderr_levels_and_json_detection() -> None:
     assert logs._stderr_level("Note: Illegal Audio-MPEG-Header") == "WARNING"
     assert logs._is_json_object(json.dumps({"a": 1})) and not logs._is_json_object("{not json}")
     assert not logs._is_json_object("[1]")
+
+
+def test_stderr_capture_keeps_draining_when_the_real_stderr_is_gone() -> None:
+    """The parent that read our stderr went away: writers to fd 2 must not block on a pipe nobody drains."""
+    import subprocess
+    import sys
+
+    script = ("import os, sys\nfrom grym_synth.core import logs\nlogs.configure()\n"
+              "os.close(logs._capture.real); logs._capture.real = os.open(os.devnull, os.O_RDONLY)\n"
+              "for i in range(20000):\n    os.write(2, b'x' * 100 + b'\\n')\n"
+              "sys.stdout.write('done'); sys.stdout.flush()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
+    assert done.stdout == b"done"

@@ -116,7 +116,16 @@ class StderrCapture:
             if text.strip():
                 out.append(text if _is_json_object(text) else _entry(_stderr_level(text), "stderr", text))
         if out:
-            os.write(self.real, ("\n".join(out) + "\n").encode())
+            self._write(("\n".join(out) + "\n").encode())
+
+    def _write(self, data: bytes) -> None:
+        """Write all of ``data`` to the real stderr; if that is gone (a closed pipe), drop it and keep draining ours,
+        so that writers to fd 2 never block on a full pipe nobody reads."""
+        try:
+            while data:
+                data = data[os.write(self.real, data):]
+        except OSError:
+            pass
 
 
 # Level prefixes native code writes: glog ("W1130 12:00:00.0 ...", torch's "[W1130 ...]") and Python logging's
