@@ -243,3 +243,12 @@ def test_out_of_range_layouts_are_refused() -> None:
     sf.write(buf, np.zeros((10, 40), np.float32), 16_000, format="WAV", subtype="FLOAT")
     with pytest.raises(InvalidArgument, match="has 40 channels"):
         decode_file(buf.getvalue(), max_seconds=60)
+
+
+def test_decoding_of_estimated_lengths_stops_at_the_limit() -> None:
+    """Ogg's length is not in a header: the block loop stops the decode (at most one block past the limit)."""
+    ogg = encode_audio(np.zeros(200 * 8_000, np.float32), 8_000, AudioFormat.OGG_VORBIS)
+    with pytest.raises(OutOfRange, match="longer than 10 s"):
+        decode_file(ogg, max_seconds=10)
+    y, _ = decode_file(ogg, max_seconds=300)
+    assert len(y) == 200 * 8_000

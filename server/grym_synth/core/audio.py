@@ -81,7 +81,11 @@ CODECS: dict[AudioFormat, _Codec] = {
     AudioFormat.MP3: _Codec("MP3", "MPEG_LAYER_III", "mp3", 0.3, _MP3_RATES),
 }
 SUPPORTED_INPUTS = "WAV, FLAC, OGG (Vorbis, Opus), MP3"
-_DECODE_BLOCK_FRAMES = 65_536
+# Samples (frames x channels) decoded per read: 16 MB of float32. Most uploads decode in one read; libmpg123 prints
+# harmless resync notes when a low-rate MP3 is read in many small blocks.
+_DECODE_BLOCK_SAMPLES = 1 << 22
+# Formats whose header states the exact length (an MP3's or Ogg's length is an estimate or needs a scan).
+_EXACT_LENGTH = frozenset({"WAV", "FLAC"})
 
 
 # --- format detection -------------------------------------------------------------------------------------------
@@ -185,8 +189,8 @@ DECODABLE = frozenset({"WAV", "FLAC", "OGG/Vorbis", "OGG/Opus", "MP3"})
 def decode_file(data: bytes, *, max_seconds: float, what: str = "audio.file") -> tuple[np.ndarray, int]:
     """Decode an audio file into (mono float32 samples, sample rate); refuse unsupported content by name.
 
-    The duration is checked from the header and again while reading blocks (an MP3's header length is an estimate),
-    so decoding stops at ``max_seconds`` plus one block whatever the file claims; channels are mixed down per block.
+    The duration is checked from the header where it is exact (WAV, FLAC) and again while reading blocks, so decoding
+    stops at ``max_seconds`` plus one block whatever the file claims; channels are mixed down per block.
     """
     found = detect_format(data)
     if found not in DECODABLE:
@@ -196,9 +200,13 @@ def decode_file(data: bytes, *, max_seconds: float, what: str = "audio.file") ->
             rate, channels = int(f.samplerate), int(f.channels)
             _check_layout(rate, channels, what)
             limit = int(max_seconds * rate) + 1
+            if found in _EXACT_LENGTH and f.frames > limit:
+                raise OutOfRange(f"{what} is {f.frames / rate:.1f} s, longer than {max_seconds:.0f} s, the most this "
+                                 "call accepts")
+            block_frames = max(_DECODE_BLOCK_SAMPLES // channels, 1)
             blocks, total = [], 0
             while total <= limit:
-                block = f.read(_DECODE_BLOCK_FRAMES, dtype="float32", always_2d=True)
+                block = f.read(block_frames, dtype="float32", always_2d=True)
                 if not len(block):
                     break
                 blocks.append(block.mean(axis=1, dtype=np.float32))
