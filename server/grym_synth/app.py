@@ -35,6 +35,7 @@ from grym_synth.generation.service import GenerationService
 from grym_synth.generation.service import load_limits as load_generation_limits
 from grym_synth.generation.service import use_limits as use_generation_limits
 from grym_synth.api.health import HealthMonitor
+from grym_synth.core.logs import FileFollower
 from grym_synth.core.metrics import Metrics
 from grym_synth.memory.store import PatternStore
 from grym_synth.core.cache import LruCache
@@ -63,6 +64,7 @@ class App:
         self.metrics = metrics or Metrics()
         self.gate = Gate()
         self.triton_process: EmbeddedTriton | None = None
+        self._triton_log: FileFollower | None = None
         self.triton: TritonClient | None = None
         self.store: PatternStore | None = None
         self.server: grpc.aio.Server | None = None
@@ -98,6 +100,9 @@ class App:
             rate_limit=s.triton_rate_limit, http=s.triton_http, restrict=s.triton_restrict,
             models=s.triton_model_list,
         )
+        # Triton and its python stubs write glog lines to their file; the server's log re-emits them as JSON lines
+        # (logger "tritonserver"), across supervised restarts (the file is appended to, never truncated).
+        self._triton_log = FileFollower(self.triton_process.log_path, logging.getLogger("tritonserver")).start()
         return self.triton_process.grpc_url
 
     def _triton_headers(self) -> dict[str, str] | None:
@@ -192,9 +197,8 @@ class App:
         log.info("supervisor: Triton breakers reset")
 
     async def _poll_triton_stats(self, interval_s: float = 5.0) -> None:
-        """Export Triton's own queue vs compute split per model (averages over the last interval)."""
+        """Export Triton's own queue vs compute time per model as counters (Metrics.record_triton_stats)."""
         assert self.triton is not None
-        last: dict[str, tuple[float, float, float]] = {}
         while True:
             await asyncio.sleep(interval_s)
             try:
@@ -202,19 +206,7 @@ class App:
             except Exception as exc:  # Triton down: health and breakers report it; keep polling
                 log.debug("triton statistics unavailable: %s", exc)
                 continue
-            for model in stats.get("model_stats", []):
-                inf = model.get("inference_stats", {})
-                count = float(inf.get("success", {}).get("count", 0))
-                queue = float(inf.get("queue", {}).get("ns", 0))
-                compute = sum(float(inf.get(k, {}).get("ns", 0))
-                              for k in ("compute_input", "compute_infer", "compute_output"))
-                name = model.get("name", "")
-                prev = last.get(name)
-                last[name] = (count, queue, compute)
-                if prev and count > prev[0]:
-                    n = count - prev[0]
-                    self.metrics.triton_queue.labels(name).set((queue - prev[1]) / n / 1e9)
-                    self.metrics.triton_compute.labels(name).set((compute - prev[2]) / n / 1e9)
+            self.metrics.record_triton_stats(stats)
 
     async def start(self) -> None:
         """Serve health at once (NOT_SERVING), then boot; returns when every component is ready."""
@@ -380,6 +372,8 @@ class App:
             self.workflows.close()
         if self.triton_process:
             await asyncio.to_thread(self.triton_process.stop)
+        if self._triton_log:
+            await asyncio.to_thread(self._triton_log.stop)
         self.metrics.close()
         log.info("grym-synth stopped")
 

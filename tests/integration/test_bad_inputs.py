@@ -61,9 +61,9 @@ CFG = pb.StreamAnalyzeRequest(config=pb.StreamAnalyzeConfig(sample_rate_hz=16_00
 
 CASES = [
     Case("no audio", analyze(), C.INVALID_ARGUMENT, "audio is required"),
-    Case("empty wav bytes", analyze(audio=common_pb2.AudioInput(wav=b"")), C.INVALID_ARGUMENT, "not a RIFF/WAVE"),
-    Case("not a wav", analyze(audio=common_pb2.AudioInput(wav=b"ID3\x03 this is an mp3")), C.INVALID_ARGUMENT,
-         "not a RIFF/WAVE"),
+    Case("empty wav bytes", analyze(audio=common_pb2.AudioInput(wav=b"")), C.INVALID_ARGUMENT, "audio.wav is empty"),
+    Case("not audio", analyze(audio=common_pb2.AudioInput(wav=b"ID3\x03 this is an mp3")), C.INVALID_ARGUMENT,
+         "supported: WAV, FLAC"),
     Case("truncated wav", analyze(audio=common_pb2.AudioInput(wav=truncated_wav())), C.INVALID_ARGUMENT, "wav"),
     Case("empty pcm", analyze(audio=pcm(np.zeros(0))), C.INVALID_ARGUMENT, "empty"),
     Case("NaN sample (pcm)", analyze(audio=pcm(np.array([0.1, np.nan] * 1000))), C.INVALID_ARGUMENT, "NaN"),

@@ -454,7 +454,7 @@ async def test_the_coordinator_goes_through_the_triton_client(coord_triton, trit
 
     def errors(kind: str) -> float:
         return metrics.registry.get_sample_value("grym_triton_errors_total",
-                                                 {"model": "coordinator", "kind": kind}) or 0.0
+                                                 {"model": "coordinator", "code": kind}) or 0.0
 
     breaker = triton_client.breaker("coordinator")
     events = await _collect(backend.stream("Through the client", max_tokens=4, temperature=0.0))
@@ -463,7 +463,7 @@ async def test_the_coordinator_goes_through_the_triton_client(coord_triton, trit
     stalled = TritonCoordinatorBackend(triton_client, token_timeout_s=0.001)
     with pytest.raises(CoordinatorTimeout, match="produced no token"):
         await _collect(stalled.stream("Stall", max_tokens=50, temperature=0.0))
-    assert errors("DeadlineExceeded") == 1 and breaker.breaker.fail_counter == 0
+    assert errors("DEADLINE_EXCEEDED") == 1 and breaker.breaker.fail_counter == 0
     # the same server without the secret (a client built from the URL alone) is refused: a downstream fault
     # (Triton 2.41 closes the stream, which the client reports as UNAVAILABLE or INTERNAL depending on timing)
     blind = _triton_client(coord_triton.grpc_url, metrics)
@@ -474,7 +474,7 @@ async def test_the_coordinator_goes_through_the_triton_client(coord_triton, trit
         assert blind.breaker("coordinator").breaker.fail_counter == 1
     finally:
         await blind.close()
-    assert errors("Unavailable") + errors("DownstreamError") == 1
+    assert errors("UNAVAILABLE") + errors("INTERNAL") == 1
 
 
 async def test_model_serves_a_checkpoint_recorded_by_export_weights(tmp_path, checkpoint, backend):

@@ -135,14 +135,14 @@ def test_killed_triton_opens_the_breaker_then_half_open_recovers(private_triton:
             assert all(code == C.UNAVAILABLE and "triton:wav2vec2" in msg for code, msg in codes), codes
             assert any("circuit breaker open" in msg for _, msg in codes), codes
             metrics = urllib.request.urlopen(orch.metrics_url, timeout=5).read().decode()
-            assert 'grym_breaker_state{downstream="triton:wav2vec2"} 2.0' in metrics
-            assert 'grym_breaker_trips_total{downstream="triton:wav2vec2"} 1.0' in metrics
+            assert 'grym_breaker_state{breaker="triton:wav2vec2",state="open"} 1.0' in metrics
+            assert 'grym_breaker_trips_total{breaker="triton:wav2vec2"} 1.0' in metrics
 
             private_triton.restart()
             time.sleep(2.2)  # the breaker's reset timeout: the next call is the half-open probe
             assert c.analyze(tone(0.5, seed=9), sample_rate_hz=16_000).frames == 24
             metrics = urllib.request.urlopen(orch.metrics_url, timeout=5).read().decode()
-            assert 'grym_breaker_state{downstream="triton:wav2vec2"} 0.0' in metrics
+            assert 'grym_breaker_state{breaker="triton:wav2vec2",state="closed"} 1.0' in metrics
     finally:
         orch.stop()
 
@@ -157,7 +157,7 @@ def test_client_errors_do_not_trip_the_breaker(triton: EmbeddedTriton, tmp_path:
                 assert err.value.code == C.INVALID_ARGUMENT
             assert c.analyze(tone(0.5), sample_rate_hz=16_000).frames == 24
         metrics = urllib.request.urlopen(orch.metrics_url, timeout=5).read().decode()
-        assert 'grym_breaker_state{downstream="triton:wav2vec2"} 0.0' in metrics
+        assert 'grym_breaker_state{breaker="triton:wav2vec2",state="closed"} 1.0' in metrics
     finally:
         orch.stop()
 

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
 from typing import Any
 
+import numpy as np
+import soundfile as sf
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from grym_synth.api.v1 import orchestrator_pb2 as pb
+from grym_synth.api.v1 import common_pb2, orchestrator_pb2 as pb
+from grym_synth.core.audio import AudioFormat, decode_file, decode_pcm, encode_audio, encoded_rate_hz
+from grym_synth.core.errors import InvalidArgument
+from grym_synth.generation.service import WAV_CHUNK_BYTES, AudioData
 from grym_synth.memory.learning import Cluster
 from grym_synth.workflow.store import WorkflowRecord, WorkflowState
 
@@ -44,3 +50,72 @@ def cluster(c: Cluster) -> pb.PatternCluster:
     return pb.PatternCluster(label=c.label, size=c.size, pattern_ids=list(c.member_ids), top_tags=dict(c.top_tags),
                              top_words=list(c.top_words), cohesion=float(c.cohesion),
                              mean_rating=float(c.mean_rating or 0.0))
+
+
+# --- audio ---------------------------------------------------------------------------------------------------------
+# Proto AudioFormat number -> the one Python enum (core.audio.AudioFormat mirrors the numbers; 0, unset, is WAV 16).
+AUDIO_FORMATS = {common_pb2.AUDIO_FORMAT_UNSPECIFIED: AudioFormat.WAV_PCM16,
+                 **{common_pb2.AudioFormat.Value(f"AUDIO_FORMAT_{f.name}"): f for f in AudioFormat}}
+PCM_ENCODINGS = {common_pb2.PcmAudio.ENCODING_UNSPECIFIED: "float32", common_pb2.PcmAudio.ENCODING_FLOAT32: "float32",
+                 common_pb2.PcmAudio.ENCODING_LINEAR16: "linear16"}
+
+
+def pcm_encoding(value: int) -> str:
+    """A PcmAudio.Encoding number as core.audio's encoding name."""
+    try:
+        return PCM_ENCODINGS[value]
+    except KeyError:
+        raise InvalidArgument(f"unknown PCM encoding {value}") from None
+
+
+def audio_format(value: int, field: str = "output_format") -> AudioFormat:
+    """A request's AudioFormat number as the core enum; an unknown number (proto3 enums are open) is refused."""
+    try:
+        return AUDIO_FORMATS[value]
+    except KeyError:
+        names = ", ".join(common_pb2.AudioFormat.Name(v) for v in AUDIO_FORMATS if v)
+        raise InvalidArgument(f"{field} {value} is not a known AudioFormat; expected one of {names}") from None
+
+
+def audio_input(audio: common_pb2.AudioInput, *, max_seconds: float, field: str = "audio") -> tuple[np.ndarray, int]:
+    """The samples (mono, or frames x channels for PCM) and sample rate of an AudioInput, whatever its source.
+
+    ``wav`` and ``file`` are read alike (any supported format, detected from the content); ``max_seconds`` bounds
+    the decoding of compressed files, before their samples are materialised."""
+    source = audio.WhichOneof("source")
+    if source in ("wav", "file"):
+        return decode_file(getattr(audio, source), max_seconds=max_seconds, what=f"{field}.{source}")
+    if source == "pcm":
+        pcm = audio.pcm
+        if pcm.sample_rate_hz <= 0:
+            raise InvalidArgument(f"{field}.pcm.sample_rate_hz is required (e.g. 16000)")
+        return decode_pcm(pcm.data, pcm.sample_rate_hz, pcm.channels, pcm_encoding(pcm.encoding))
+    raise InvalidArgument(f"{field} is required: set {field}.file (the bytes of an audio file) or {field}.pcm")
+
+
+def audio_chunks(samples: np.ndarray, sample_rate_hz: int, fmt: AudioFormat,
+                 chunk_bytes: int = WAV_CHUNK_BYTES) -> list[pb.AudioChunk]:
+    """Encode samples once in ``fmt`` and split the file into AudioChunk messages (``wav_data`` keeps its old
+    name; it carries the bytes of ``fmt``). Every RPC that returns audio builds its chunks here."""
+    return _chunks(encode_audio(samples, sample_rate_hz, fmt), encoded_rate_hz(sample_rate_hz, fmt), fmt,
+                   chunk_bytes)
+
+
+def audio_data_chunks(audio: AudioData, fmt: AudioFormat) -> list[pb.AudioChunk]:
+    """Chunks of a service's AudioData in ``fmt``: its WAV 16 chunks as they are, or its samples re-encoded (taken
+    from the 16-bit WAV when the service did not keep the float samples, which it encoded losslessly)."""
+    if fmt == AudioFormat.WAV_PCM16:
+        last = len(audio.wav_chunks) - 1
+        return [pb.AudioChunk(wav_data=chunk, chunk_index=i, last=i == last, sample_rate_hz=audio.sample_rate_hz,
+                              format=int(fmt)) for i, chunk in enumerate(audio.wav_chunks)]
+    samples = getattr(audio, "samples", None)
+    if samples is None:
+        samples, _ = sf.read(io.BytesIO(b"".join(audio.wav_chunks)), dtype="float32")
+    return audio_chunks(samples, audio.sample_rate_hz, fmt)
+
+
+def _chunks(data: bytes, sample_rate_hz: int, fmt: AudioFormat, chunk_bytes: int = WAV_CHUNK_BYTES
+            ) -> list[pb.AudioChunk]:
+    pieces = [data[i: i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
+    return [pb.AudioChunk(wav_data=piece, chunk_index=i, last=i == len(pieces) - 1, sample_rate_hz=sample_rate_hz,
+                          format=int(fmt)) for i, piece in enumerate(pieces)]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import logging
 import re
@@ -24,7 +25,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from grym_synth.api.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc as pb_grpc
 from grym_synth.analysis.service import AnalysisService, StreamConfig, StreamSummary
-from grym_synth.core.audio import Audio, decode_pcm, decode_wav, to_mono_16k
+from grym_synth.core.audio import Audio, AudioFormat, to_mono_16k
 from grym_synth.api import convert
 from grym_synth.compose.service import ComposeService, Features, Finished, PlanChosen, new_workflow_id
 from grym_synth.coordinator.base import TokenEvent
@@ -45,6 +46,32 @@ from grym_synth.core.resilience import AdmissionControl
 log = logging.getLogger(__name__)
 
 REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+# Methods that stream responses or requests: their non-OK ends (client cancellations aside) are stream errors.
+STREAMING_METHODS = frozenset(m.name for m in pb.DESCRIPTOR.services_by_name["Orchestrator"].methods
+                              if m.server_streaming or m.client_streaming)
+# Set by _write_all when a client read nothing for stream_write_timeout_s, so that the closing producer's scope
+# records DEADLINE_EXCEEDED (what the client is told) rather than a cancellation.
+_write_timed_out: contextvars.ContextVar[bool] = contextvars.ContextVar("write_timed_out", default=False)
+
+
+DEADLINE_SLACK_S = 0.5
+
+
+def _cancel_code(context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """How a call that was cancelled under us ended: a timeout (the client's deadline passed, or the client read
+    nothing for stream_write_timeout_s) is DEADLINE_EXCEEDED, as the client sees it; otherwise CANCELLED."""
+    if _write_timed_out.get():
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    try:
+        remaining = context.time_remaining()
+    except Exception:  # a context without a deadline API (tests' fakes): no deadline to compare with
+        remaining = None
+    # The server's deadline is the client's timeout counted from when the call arrived, so it trails the client's
+    # by the transit time: a cancel that close to it is the client's deadline, not a user's cancel.
+    near = remaining is not None and remaining <= DEADLINE_SLACK_S
+    return grpc.StatusCode.DEADLINE_EXCEEDED if near else grpc.StatusCode.CANCELLED
 
 
 def _request_id(given: str) -> str:
@@ -126,8 +153,8 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
         except grpc.aio.AbortError:
             raise
         except BaseException as exc:
-            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client went away
-                scope.code = grpc.StatusCode.CANCELLED
+            if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):  # the client went away (or stopped reading)
+                scope.code = _cancel_code(context)
                 raise
             scope.code = grpc.StatusCode.INTERNAL
             log.exception("%s crashed", method)  # type, message and traceback: in the log, with the request id
@@ -136,6 +163,8 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                                 f"internal error; quote request_id={scope.request_id or '-'} when reporting it")
         finally:
             self.metrics.rpc_requests.labels(method, scope.code.name).inc()
+            if method in STREAMING_METHODS and scope.code not in (grpc.StatusCode.OK, grpc.StatusCode.CANCELLED):
+                self.metrics.stream_errors.labels(method, scope.code.name).inc()
             # The request id rides along as an OpenMetrics exemplar: traceable without a label per request.
             exemplar = {"request_id": scope.request_id[:64]} if scope.request_id else None
             self.metrics.rpc_latency.labels(method).observe(time.perf_counter() - started, exemplar=exemplar)
@@ -162,6 +191,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     await asyncio.wait_for(context.write(message), self.write_timeout_s)
                 except TimeoutError:
                     timed_out = message
+                    _write_timed_out.set(True)  # the producer's scope, closed next in this context, reads it
                     break
         if timed_out is None:
             return
@@ -180,16 +210,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
 
     # --- conversions ----------------------------------------------------------------------------------------------
     def _audio(self, audio: common_pb2.AudioInput) -> Audio:
-        source = audio.WhichOneof("source")
-        if source == "wav":
-            samples, rate = decode_wav(audio.wav)
-        elif source == "pcm":
-            pcm = audio.pcm
-            if pcm.sample_rate_hz <= 0:
-                raise InvalidArgument("audio.pcm.sample_rate_hz is required (e.g. 16000)")
-            samples, rate = decode_pcm(pcm.data, pcm.sample_rate_hz, pcm.channels, _encoding(pcm.encoding))
-        else:
-            raise InvalidArgument("audio is required: set audio.wav (WAV file bytes) or audio.pcm")
+        samples, rate = convert.audio_input(audio, max_seconds=self.analysis.max_audio_s)
         if samples.size == 0:
             raise InvalidArgument("audio is empty")
         if not np.isfinite(samples).all():
@@ -281,6 +302,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                         context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GenerateResponse]:
         async with self.rpc_scope("Generate", context, request.request_id) as scope:
             params = _generate_params(request, self.generation.max_duration_s)
+            fmt = convert.audio_format(request.output_format)
             rid = scope.request_id
             async for event in self.generation.generate(params, store=request.store, tags=dict(request.tags),
                                                         deadline=_deadline(context), request_id=rid):
@@ -288,7 +310,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     yield pb.GenerateResponse(request_id=rid, progress=pb.GenerateProgress(
                         step=event.step, total_steps=event.total_steps))
                 elif isinstance(event, AudioData):
-                    for chunk in _audio_chunks(event):
+                    for chunk in _audio_chunks(event, fmt):
                         yield pb.GenerateResponse(request_id=rid, audio=chunk)
                 else:
                     yield pb.GenerateResponse(request_id=rid, result=pb.GenerateResult(
@@ -303,6 +325,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ComposeResponse]:
         async with self.rpc_scope("Compose", context, request.request_id) as scope:
             rid, wid = scope.request_id, new_workflow_id()
+            fmt = convert.audio_format(request.output_format)
             step_types: dict[str, str] = {}
             events = self.compose.compose(
                 request.request, max_tokens=request.max_tokens, seed=request.seed if request.HasField("seed") else None,
@@ -312,7 +335,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     if isinstance(event, PlanChosen):
                         step_types = {s.id: s.type for s in event.plan.steps}
                     if isinstance(event, AudioData):
-                        for chunk in _audio_chunks(event):
+                        for chunk in _audio_chunks(event, fmt):
                             yield pb.ComposeResponse(request_id=rid, workflow_id=wid, audio=chunk)
                         continue
                     message = _compose_message(event, step_types)
@@ -455,10 +478,8 @@ def _compose_message(event: object, step_types: dict[str, str]) -> pb.ComposeRes
     return None
 
 
-def _audio_chunks(audio: AudioData) -> list[pb.AudioChunk]:
-    last = len(audio.wav_chunks) - 1
-    return [pb.AudioChunk(wav_data=chunk, chunk_index=i, last=i == last, sample_rate_hz=audio.sample_rate_hz)
-            for i, chunk in enumerate(audio.wav_chunks)]
+def _audio_chunks(audio: AudioData, fmt: AudioFormat = AudioFormat.WAV_PCM16) -> list[pb.AudioChunk]:
+    return convert.audio_data_chunks(audio, fmt)
 
 
 def _status_error(code: str, message: str) -> GrymError:
@@ -589,9 +610,5 @@ def add_to_server(service: OrchestratorService, server: grpc.aio.Server) -> None
 
 
 def _encoding(value: int) -> str:
-    if value == common_pb2.PcmAudio.ENCODING_LINEAR16:
-        return "linear16"
-    if value in (common_pb2.PcmAudio.ENCODING_UNSPECIFIED, common_pb2.PcmAudio.ENCODING_FLOAT32):
-        return "float32"
-    raise InvalidArgument(f"unknown PCM encoding {value}")
+    return convert.pcm_encoding(value)
 

@@ -35,7 +35,7 @@ from grym_synth.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
-from grym_synth.core.metrics import BREAKER_STATE_VALUES, Metrics
+from grym_synth.core.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,13 @@ class _MetricsListener(pybreaker.CircuitBreakerListener):
         self.metrics = metrics
         self.name = name
         if metrics:
-            metrics.breaker_state.labels(name).set(0)
+            metrics.set_breaker_state(name, "closed")
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: object, new_state: object) -> None:
         new = getattr(new_state, "name", str(new_state))
         log.warning("circuit breaker %s: %s -> %s", self.name, getattr(old_state, "name", old_state), new)
         if self.metrics:
-            self.metrics.breaker_state.labels(self.name).set(BREAKER_STATE_VALUES.get(new, -1))
+            self.metrics.set_breaker_state(self.name, new)
             if new == "open":
                 self.metrics.breaker_trips.labels(self.name).inc()
 

@@ -242,7 +242,7 @@ class TritonClient:
 
     def _count_error(self, model: str, err: GrymError) -> None:
         if self.metrics:
-            self.metrics.triton_errors.labels(model, type(err).__name__).inc()
+            self.metrics.triton_errors.labels(model, err.code.name).inc()
 
     async def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str], *,
                     deadline: float | None = None, request_id: str = "") -> dict[str, np.ndarray]:
