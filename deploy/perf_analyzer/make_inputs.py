@@ -55,7 +55,7 @@ TARGETS: dict[str, Target] = {
     "unet": Target("unet", ("config.pbtxt", "configs/onnxruntime.pbtxt", "configs/tensorrt.pbtxt")),
     "vae_decoder": Target("vae_decoder", ("config.pbtxt", "configs/onnxruntime.pbtxt", "configs/tensorrt.pbtxt")),
     "vocoder": Target("vocoder", ("config.pbtxt", "configs/onnxruntime.pbtxt", "configs/tensorrt.pbtxt")),
-    "vae_encoder": Target("vae_encoder", ("config.pbtxt", "configs/onnxruntime.pbtxt")),
+    "vae_encoder": Target("vae_encoder", ("config.pbtxt", "configs/onnxruntime.pbtxt", "configs/tensorrt.pbtxt")),
     "audioldm": Target("audioldm", ("config.pbtxt",), decoupled=True),
     "coordinator": Target("coordinator", ("config.pbtxt",), decoupled=True),
     "coordinator_vllm": Target("coordinator", ("configs/vllm.pbtxt",), decoupled=True),

@@ -178,6 +178,21 @@ def test_continue_a_stored_pattern_starts_where_it_ends(client: Client, generate
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "continuation" in details
 
 
+def test_compose_varies_a_recalled_pattern_from_its_stored_audio(client: Client, generated) -> None:
+    """'like pattern X' (the rule planner's recall -> vary): the vary step starts from X's stored audio."""
+    import json
+
+    pattern_id, _ = generated
+    events = list(client.compose(f"1 second piece like pattern {pattern_id}", seed=5))
+    assert events[-1].summary.state == pb.Workflow.STATE_SUCCEEDED
+    vary = [e.step for e in events if e.WhichOneof("event") == "step" and e.step.step_type == "vary"
+            and e.step.state == pb.ComposeStep.STATE_FINISHED]
+    assert vary, "the plan has no vary step"
+    assert json.loads(vary[0].summary_json)["init_pattern_id"] == pattern_id
+    stored = [client.get_pattern(p) for p in events[-1].summary.pattern_ids]
+    assert stored and all(p.has_audio for p in stored)  # Compose's store steps keep their audio
+
+
 def test_a_pattern_without_audio_is_not_found(client: Client, generated) -> None:
     """Compose's rule plans store patterns with audio too; a pattern without it arises from stores made before
     audio storage: simulated here by deleting a pattern and asking for its audio (NOT_FOUND, pattern gone) —

@@ -116,7 +116,8 @@ class GenerateExecutor:
                 else:
                     samples, seed, cached = item
         return {"audio": samples, "sample_rate_hz": TARGET_RATE_HZ, "seed": seed, "cached": cached,
-                "duration_s": len(samples) / TARGET_RATE_HZ, "params": dict(q)}
+                "duration_s": len(samples) / TARGET_RATE_HZ, "params": dict(q),
+                "init_pattern_id": params.init_pattern_id}  # set when a vary step started from stored audio
 
 
 def result_audio(audio: Any, rate: int | None) -> np.ndarray:
