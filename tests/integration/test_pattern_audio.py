@@ -204,7 +204,7 @@ def test_a_pattern_without_audio_is_not_found(client: Client, generated) -> None
     assert code == grpc.StatusCode.NOT_FOUND and gone in details
 
 
-# --- hostile inputs ----------------------------------------------------------------------------------------------------
+# --- hostile inputs ---------------------------------------------------------------------------------------------------
 def refused(client: Client, request: pb.GenerateRequest) -> tuple[grpc.StatusCode, str]:
     return status_of(lambda: client.stub.Generate(request, timeout=60))
 
@@ -253,7 +253,7 @@ def test_init_audio_and_pattern_together_are_invalid(client: Client, generated) 
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "exclusive" in details
 
 
-# --- cancellation ------------------------------------------------------------------------------------------------------
+# --- cancellation -----------------------------------------------------------------------------------------------------
 async def _unet_inferences(triton) -> int:
     c = ta.InferenceServerClient(triton.grpc_url)
     try:

@@ -378,7 +378,8 @@ class TritonPythonModel:
             sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
             sender.send(flags=FINAL)
             self._logger.log_info(
-                f"audioldm {generation.request_id}: {generation.mode}, {generation.steps} {generation.scheduler} steps, "
+                f"audioldm {generation.request_id}: {generation.mode}, {generation.steps} {generation.scheduler} "
+                f"steps, "
                 f"{generation.duration_s:g} s audio in {time.perf_counter() - started:.2f} s"
             )
         except Cancelled:

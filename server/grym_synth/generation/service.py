@@ -383,9 +383,10 @@ class GenerationService:
             audio = audio[max(0, audio.size - int(CONTINUE_CONTEXT_S * TARGET_RATE_HZ)):]
             window = audio.size / TARGET_RATE_HZ + duration
             if window > high:
-                raise InvalidArgument(f"a continuation generates its context ({audio.size / TARGET_RATE_HZ:g} s of the "
-                                      f"init audio) plus duration_seconds ({duration:g} s) = {window:g} s, more than "
-                                      f"the maximum {high:g} s; ask for at most {high - audio.size / TARGET_RATE_HZ:g} s")
+                context = audio.size / TARGET_RATE_HZ
+                raise InvalidArgument(f"a continuation generates its context ({context:g} s of the init audio) plus "
+                                      f"duration_seconds ({duration:g} s) = {window:g} s, more than the maximum "
+                                      f"{high:g} s; ask for at most {high - context:g} s")
         return dataclasses.replace(p, duration_s=float(duration), mode=init.mode, init_audio=audio,
                                    init_strength=init.strength, init_pattern_id=init.pattern_id)
 
