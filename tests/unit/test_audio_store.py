@@ -141,6 +141,10 @@ def patterns(tmp_path: Path):
     s.open()
     yield s
     s.close()
+    # Stop this store's milvus-lite server now, not at interpreter exit (where it logs to closed streams).
+    from milvus_lite.server_manager import server_manager_instance
+
+    server_manager_instance.release_server(s.uri)
 
 
 def vec(i: int) -> list[float]:
