@@ -55,6 +55,7 @@ TARGETS: dict[str, Target] = {
     "unet": Target("unet", ("config.pbtxt", "configs/onnxruntime.pbtxt", "configs/tensorrt.pbtxt")),
     "vae_decoder": Target("vae_decoder", ("config.pbtxt", "configs/onnxruntime.pbtxt", "configs/tensorrt.pbtxt")),
     "vocoder": Target("vocoder", ("config.pbtxt", "configs/onnxruntime.pbtxt", "configs/tensorrt.pbtxt")),
+    "vae_encoder": Target("vae_encoder", ("config.pbtxt", "configs/onnxruntime.pbtxt", "configs/tensorrt.pbtxt")),
     "audioldm": Target("audioldm", ("config.pbtxt",), decoupled=True),
     "coordinator": Target("coordinator", ("config.pbtxt",), decoupled=True),
     "coordinator_vllm": Target("coordinator", ("configs/vllm.pbtxt",), decoupled=True),
@@ -170,6 +171,9 @@ def documents(profile: str) -> dict[str, dict[str, Any]]:
         },
         "vae_decoder": {"latents": _f32(latent)},
         "vocoder": {"mel": _f32(mel)},
+        # The chord, tiled to the default clip (mel frames x hop samples) and normalised as AudioLDM does (peak 0.5).
+        "vae_encoder": {"waveform": _f32(0.5 * np.resize(audio, round(d.duration_s * WAV2VEC2_SAMPLE_RATE))
+                                         / np.max(np.abs(audio)))},
         "audioldm": {
             "prompt": _scalar(PROMPT),
             "seed": _scalar(42),

@@ -37,6 +37,7 @@ from grym_synth.generation.service import use_limits as use_generation_limits
 from grym_synth.api.health import HealthMonitor
 from grym_synth.core.logs import FileFollower
 from grym_synth.core.metrics import Metrics
+from grym_synth.memory.audio_store import AudioStore
 from grym_synth.memory.store import PatternStore
 from grym_synth.core.cache import LruCache
 from grym_synth.memory.learning import FeedbackStore
@@ -148,6 +149,8 @@ class App:
         self.store.dim = await self._probe_embedding_dim()
         # Refuses (start-up fails, saying why) a damaged store, or a missing one beside a non-empty workflow history.
         await asyncio.to_thread(self.store.open, self.workflows.count_sync)
+        if self.store.audio_store is not None:
+            await asyncio.to_thread(self.store.audio_store.open)
         self._recall_index_task = asyncio.create_task(
             self.recall_index.keep_in_sync(self.store, s.recall_index_refresh_s), name="recall-index")
         interrupted = await self.workflows.mark_interrupted_on_startup()
@@ -224,7 +227,7 @@ class App:
                                   breaker=AsyncBreaker("milvus", fail_max=s.breaker_fail_max,
                                                        reset_timeout_s=s.breaker_reset_s,
                                                        exclude=[InvalidArgument, NotFound], metrics=self.metrics),
-                                  recall_index=self.recall_index)
+                                  recall_index=self.recall_index, audio_store=AudioStore(s.audio_store_target))
         budget = MemoryBudget(s.max_inflight_audio_bytes, self.metrics)
         self.cache = LruCache("analysis", max_entries=s.cache_max_entries, max_bytes=s.cache_max_bytes,
                               metrics=self.metrics)

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     milvus_uri: str | None = Field(None, description="Milvus server URI; unset: milvus-lite file under data_dir.")
     milvus_token: str | None = Field(None, description="Milvus auth token (user:password) for a server.")
     collection_prefix: str = Field("grym_patterns", description="Milvus collection name prefix.")
+    audio_store_url: str | None = Field(
+        None, description="Where patterns' audio is kept (content-addressed WAV files): any fsspec URL (file:///path, "
+                          "s3://bucket/prefix for several replicas, memory:// for tests); unset: <data_dir>/audio."
+    )
     recall_index_refresh_s: float = Field(
         30.0, ge=0, description="Seconds between syncs of the in-memory recall index with Milvus, to pick up other "
                                 "replicas' writes (0: never, for a single replica: it sees its own writes)."
@@ -213,6 +217,11 @@ class Settings(BaseSettings):
         """Checkpoint directory per weight family (see grym_synth.inference.export.repository.WEIGHT_FAMILY)."""
         return {"wav2vec2": self.weights_dir, "audioldm": self.audioldm_weights_dir,
                 "coordinator": self.coordinator_checkpoint}
+
+    @property
+    def audio_store_target(self) -> str:
+        """The audio store's fsspec URL or local path."""
+        return self.audio_store_url or str(self.data_dir / "audio")
 
     @property
     def milvus_target(self) -> str:

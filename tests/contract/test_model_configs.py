@@ -20,7 +20,7 @@ CONFIGS = sorted(REPO.glob("*/config.pbtxt")) + sorted(REPO.glob("*/configs/*.pb
 PYTHON_BASED = {p.parent.name for p in REPO.glob("backends/*/model.py")}
 # Backends of NVIDIA's containers that the configs/ variants name.
 NATIVE = {"onnxruntime", "vllm"}
-ONNX_MODELS = {"wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder", *MUSIC_MODELS}
+ONNX_MODELS = {"wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder", "vae_encoder", *MUSIC_MODELS}
 
 
 def parse(path: Path) -> model_config_pb2.ModelConfig:

@@ -58,14 +58,17 @@ import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "duration_s", "scheduler")
-OUTPUTS = ("step", "total_steps", "waveform", "sample_rate", "seed")
+INPUTS = ("prompt", "negative_prompt", "seed", "steps", "guidance_scale", "duration_s", "scheduler",
+          "mode", "init_audio", "init_strength", "context_s")
+OUTPUTS = ("step", "total_steps", "waveform", "sample_rate", "seed", "context_waveform")
 COMPONENTS = {  # config parameter naming the Triton model -> key in components.json "tensors"
     "text_encoder_model": "clap_text_encoder",
     "unet_model": "unet",
     "vae_decoder_model": "vae_decoder",
     "vocoder_model": "vocoder",
+    "vae_encoder_model": "vae_encoder",
 }
+MODES = ("text", "vary", "continue")
 
 
 # Starts the message of every refused request (server/triton_client.py INVALID_REQUEST_MARKER reads it).
@@ -103,6 +106,10 @@ class Generation:
     attention_mask: np.ndarray
     height: int  # mel frames
     num_samples: int  # waveform length after the final cut
+    mode: str = "text"
+    init_audio: np.ndarray | None = None  # VARY: the audio to vary; CONTINUE: the known region (the init's end)
+    init_strength: float = 1.0
+    known_frames: int = 0  # CONTINUE: latent frames of the known region at the start of the window
 
     @property
     def guided(self) -> bool:
@@ -142,6 +149,8 @@ class TritonPythonModel:
         self._schedulers = self._load_schedulers(os.path.join(version_dir, "schedulers"))
 
         self._vae_scale = int(self._c["vae_scale_factor"])
+        self._mel = self._c.get("mel") or {"hop_length": int(np.prod(self._c["vocoder_upsample_rates"])),
+                                           "n_fft": 1024, "init_peak": 0.5}
         self._sampling_rate = int(self._c["sampling_rate"])
         # Exactly the pipeline's expression (numpy float64), so duration -> frames rounds identically.
         self._upsample_factor = np.prod(self._c["vocoder_upsample_rates"]) / self._sampling_rate
@@ -249,6 +258,7 @@ class TritonPythonModel:
             raise InvalidRequest(f"unknown 'scheduler' {scheduler!r}; expected one of {sorted(self._schedulers)}")
 
         height, num_samples = self._frames(duration)
+        mode, init, strength, known = self._parse_init(request, duration)
         texts = [negative or "", prompt] if guidance > 1.0 else [prompt]
         with self._tokenizer_lock:
             enc = self._tokenizer(texts, padding="longest", pad_to_multiple_of=self._pad_multiple,
@@ -264,7 +274,60 @@ class TritonPythonModel:
             attention_mask=enc["attention_mask"].astype(np.int64),
             height=height,
             num_samples=num_samples,
+            mode=mode,
+            init_audio=init,
+            init_strength=strength,
+            known_frames=known,
         )
+
+    def _parse_init(self, request: Any, duration: float) -> tuple[str, np.ndarray | None, float, int]:
+        """(mode, init waveform, strength, known latent frames) of an audio-to-audio or continuation request.
+
+        CONTINUE keeps only the last ``context_s`` seconds of the init audio (default: the init's length, at most
+        half the default duration), cut to whole latent frames; the window it generates is that known region
+        followed by ``duration`` seconds of new audio and must fit ``max_duration_s``."""
+        mode = self._text(request, "mode")
+        mode = "text" if mode is None else mode.strip().lower()
+        if mode not in MODES:
+            raise InvalidRequest(f"unknown 'mode' {mode!r}; expected one of {list(MODES)}")
+        tensor = pb_utils.get_input_tensor_by_name(request, "init_audio")
+        init = None if tensor is None else np.asarray(tensor.as_numpy(), dtype=np.float32).reshape(-1)
+        if mode == "text":
+            if init is not None:
+                raise InvalidRequest("'init_audio' is given but 'mode' is text; use mode vary or continue")
+            return mode, None, 1.0, 0
+        if init is None or init.size == 0:
+            raise InvalidRequest(f"mode {mode} needs 'init_audio' (16 kHz mono float32 samples)")
+        if init.size > self._max_duration * self._sampling_rate:
+            raise InvalidRequest(f"'init_audio' is {init.size / self._sampling_rate:g} s; at most "
+                                 f"{self._max_duration:g} s are accepted")
+        if not np.isfinite(init).all():
+            raise InvalidRequest("'init_audio' contains NaN or infinite samples")
+        strength = self._optional(request, "init_strength")
+        strength = 0.6 if strength is None else float(strength)
+        if not (math.isfinite(strength) and 0.0 <= strength <= 1.0):
+            raise InvalidRequest(f"'init_strength' must be in [0, 1], got {strength}")
+        if mode == "vary":
+            return mode, init, strength, 0
+        step = self._latent_step()
+        context = self._optional(request, "context_s")
+        init_s = init.size / self._sampling_rate
+        context = min(init_s, self._default_duration / 2) if context is None else float(context)
+        if not (math.isfinite(context) and context > 0):
+            raise InvalidRequest(f"'context_s' must be a positive number of seconds, got {context}")
+        known = int(min(context, init_s) * self._sampling_rate) // step
+        if known < 1:
+            raise InvalidRequest(f"continuation needs at least {step / self._sampling_rate:g} s of 'init_audio' "
+                                 f"context, got {min(context, init_s):g} s")
+        window = known * step / self._sampling_rate + duration
+        if window > self._max_duration:
+            raise InvalidRequest(f"context ({known * step / self._sampling_rate:g} s) + 'duration_s' ({duration:g} s) "
+                                 f"= {window:g} s exceeds the {self._max_duration:g} s the model generates at most")
+        return mode, init[init.size - known * step:], strength, known
+
+    def _latent_step(self) -> int:
+        """Waveform samples per latent frame (mel hop x VAE scale factor)."""
+        return int(self._mel["hop_length"]) * self._vae_scale
 
     def _frames(self, duration: float) -> tuple[int, int]:
         """AudioLDMPipeline.__call__ step 0: (mel frames, waveform samples) for ``duration`` seconds."""
@@ -304,15 +367,19 @@ class TritonPythonModel:
             while not (acquired := self._slots.acquire(timeout=0.05)):
                 self._check_cancelled(sender)
             started = time.perf_counter()
-            waveform = self._generate(sender, generation)
-            sender.send(pb_utils.InferenceResponse(output_tensors=[
+            waveform, context = self._generate(sender, generation)
+            outputs = [
                 self._tensor("waveform", waveform),
                 self._tensor("sample_rate", [self._sampling_rate]),
                 self._tensor("seed", [generation.seed]),
-            ]))
+            ]
+            if context is not None:
+                outputs.append(self._tensor("context_waveform", context))
+            sender.send(pb_utils.InferenceResponse(output_tensors=outputs))
             sender.send(flags=FINAL)
             self._logger.log_info(
-                f"audioldm {generation.request_id}: {generation.steps} {generation.scheduler} steps, "
+                f"audioldm {generation.request_id}: {generation.mode}, {generation.steps} {generation.scheduler} "
+                f"steps, "
                 f"{generation.duration_s:g} s audio in {time.perf_counter() - started:.2f} s"
             )
         except Cancelled:
@@ -334,8 +401,11 @@ class TritonPythonModel:
         if self._stopping.is_set() or sender.is_cancelled():
             raise Cancelled()
 
-    def _generate(self, sender: Any, g: Generation) -> np.ndarray:
-        """The AudioLDMPipeline.__call__ computation (steps 3-8) with the components served by Triton."""
+    def _generate(self, sender: Any, g: Generation) -> tuple[np.ndarray, np.ndarray | None]:
+        """The AudioLDMPipeline.__call__ computation (steps 3-8) with the components served by Triton; returns
+        (waveform, the decoded known region or None). VARY and CONTINUE start from encoded init audio (see
+        :meth:`_init_latents`); CONTINUE re-imposes the known region, noised to the current timestep, before every
+        UNet call (RePaint / diffusers' legacy inpainting with a latent mask) and exactly after the last one."""
         embeds = self._infer("clap_text_encoder", {"input_ids": g.input_ids, "attention_mask": g.attention_mask})
 
         cls, config = self._schedulers[g.scheduler]
@@ -347,16 +417,28 @@ class TritonPythonModel:
         shape = (
             1,
             int(self._c["latent_channels"]),
-            g.height // self._vae_scale,
+            g.height // self._vae_scale + g.known_frames,
             int(self._c["mel_bins"]) // self._vae_scale,
         )
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32) * scheduler.init_noise_sigma
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32)
+        latents = noise * scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(scheduler, generator)
+        known, gain = None, 1.0
+        if g.mode == "continue" or (g.mode == "vary" and g.init_strength < 1.0):  # strength 1 ignores the init
+            self._check_cancelled(sender)
+            encoded, gain = self._encode(g.init_audio, g.known_frames or shape[2])
+            if g.mode == "vary":
+                timesteps, latents = self._vary_start(scheduler, g, encoded, noise, latents)
+            else:
+                known = encoded
 
         rows = embeds.shape[0]
         total = len(timesteps)
+        k = g.known_frames
         for i, t in enumerate(timesteps):
             self._check_cancelled(sender)
+            if known is not None:
+                latents[:, :, :k] = scheduler.add_noise(known, noise[:, :, :k], t.reshape(1))
             model_input = torch.cat([latents] * 2) if g.guided else latents
             model_input = scheduler.scale_model_input(model_input, t)
             noise_pred = self._infer("unet", {
@@ -374,13 +456,51 @@ class TritonPythonModel:
                 self._tensor("step", [i + 1]),
                 self._tensor("total_steps", [total]),
             ]))
+        if known is not None:
+            latents[:, :, :k] = known
 
         self._check_cancelled(sender)
         mel = self._infer("vae_decoder", {"latents": np.ascontiguousarray(latents.numpy(), dtype=np.float32)})
         if mel.ndim == 4:  # mel_spectrogram_to_waveform: squeeze the channel axis
             mel = mel[:, 0]
-        waveform = self._infer("vocoder", {"mel": np.ascontiguousarray(mel)})
-        return waveform[0, : g.num_samples]
+        waveform = self._infer("vocoder", {"mel": np.ascontiguousarray(mel)})[0]
+        if g.mode != "continue":
+            return (waveform / gain)[: g.num_samples], None  # back to the init audio's level (gain 1: text)
+        waveform = waveform / gain  # back to the init audio's level
+        offset = k * self._latent_step()
+        return waveform[offset: offset + g.num_samples], (waveform[:offset] if k else None)
+
+    def _encode(self, audio: np.ndarray, frames: int) -> tuple[torch.Tensor, float]:
+        """(latents [1, C, frames, W], gain): ``audio`` normalised as AudioLDM's normalize_wav (mean removed, peak
+        ``init_peak``), cut or zero-padded to ``frames`` latent frames, encoded by the vae_encoder model. Audio
+        shorter than one STFT window is padded further (reflect padding needs it) and the extra frames dropped."""
+        x = np.asarray(audio, dtype=np.float64)
+        x = x - x.mean()
+        gain = float(self._mel.get("init_peak", 0.5)) / (float(np.max(np.abs(x))) + 1e-8)
+        step = self._latent_step()
+        padded_frames = max(frames, -(-int(self._mel.get("n_fft", 1024)) // step) + 1)
+        wave = np.zeros((1, padded_frames * step), dtype=np.float32)
+        n = min(x.size, frames * step)
+        wave[0, :n] = (x[:n] * gain).astype(np.float32)
+        latents = self._infer("vae_encoder", {"waveform": wave})
+        return torch.from_numpy(np.ascontiguousarray(latents[:, :, :frames])), gain
+
+    @staticmethod
+    def _vary_start(scheduler: Any, g: Generation, init: torch.Tensor, noise: torch.Tensor,
+                    pure_noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps to run, starting latents) for VARY, diffusers' img2img ``get_timesteps``/``prepare_latents``:
+        run the last int(steps x strength) steps from the init latents noised to the first of them. Strength 1
+        ignores the init exactly (pure noise: the text generation of the same seed); strength 0 runs no step."""
+        if g.init_strength >= 1.0:
+            return scheduler.timesteps, pure_noise
+        run = min(int(g.steps * g.init_strength), g.steps)
+        start = max(g.steps - run, 0) * scheduler.order
+        timesteps = scheduler.timesteps[start:]
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(start)
+        if len(timesteps) == 0:
+            return timesteps, init
+        return timesteps, scheduler.add_noise(init, noise, timesteps[:1])
 
     @staticmethod
     def _step_kwargs(scheduler: Any, generator: torch.Generator) -> dict[str, Any]:

@@ -128,7 +128,8 @@ class AnalysisService:
                                         request_id=request_id)
         if store:
             analysis.pattern = await self.store.insert(analysis.embedding, duration_s=analysis.duration_s,
-                                                       tags=tags, source=source, metadata=metadata)
+                                                       tags=tags, source=source, metadata=metadata,
+                                                       audio=audio.samples)  # the 16 kHz mono audio analysed
             if self.metrics:
                 self.metrics.patterns_stored.labels(source).inc()
         return analysis
@@ -169,6 +170,7 @@ class AnalysisService:
         total_in = 0
         windows: list[WindowResult] = []
         max_in = int(self.max_stream_s * config.sample_rate_hz)
+        kept: list[np.ndarray] = []  # with config.store: the analysed 16 kHz mono windows, stored with the pattern
 
         async def flush(samples: np.ndarray) -> WindowResult | None:
             mono = to_mono_16k(samples, config.sample_rate_hz)
@@ -181,6 +183,8 @@ class AnalysisService:
                                             request_id=request_id)
             window = WindowResult(len(windows), start, start + analysis.duration_s, analysis)
             windows.append(window)
+            if config.store:  # kept for the pattern's stored audio, as 16-bit (half the float32 size)
+                kept.append((np.clip(audio.samples, -1.0, 1.0) * 32767).astype(np.int16))
             return window
 
         chunk: bytes | None = None
@@ -226,8 +230,11 @@ class AnalysisService:
         pooled = sum(w.analysis.embedding * w.analysis.frames for w in windows) / max(frames, 1)
         summary = StreamSummary(len(windows), windows[-1].end_s, frames, pooled.astype(np.float32))
         if config.store:
+            stored = np.concatenate(kept).astype(np.float32) / 32767 if kept else None
+            kept.clear()
             summary.pattern = await self.store.insert(summary.embedding, duration_s=summary.duration_s, tags=tags,
-                                                      source=config.source or "stream", metadata=None)
+                                                      source=config.source or "stream", metadata=None, audio=stored)
+            stored = None
             if self.metrics:
                 self.metrics.patterns_stored.labels(config.source or "stream").inc()
         yield summary

@@ -11,9 +11,9 @@ import soundfile as sf
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from grym_synth.api.v1 import common_pb2, orchestrator_pb2 as pb
-from grym_synth.core.audio import AudioFormat, decode_file, decode_pcm, encode_audio, encoded_rate_hz
+from grym_synth.core.audio import TARGET_RATE_HZ, AudioFormat, decode_file, decode_pcm, encode_audio, encoded_rate_hz
 from grym_synth.core.errors import InvalidArgument
-from grym_synth.generation.service import WAV_CHUNK_BYTES, AudioData
+from grym_synth.generation.service import MODES, WAV_CHUNK_BYTES, AudioData
 from grym_synth.memory.learning import Cluster
 from grym_synth.workflow.store import WorkflowRecord, WorkflowState
 
@@ -119,3 +119,21 @@ def _chunks(data: bytes, sample_rate_hz: int, fmt: AudioFormat, chunk_bytes: int
     pieces = [data[i: i + chunk_bytes] for i in range(0, len(data), chunk_bytes)] or [b""]
     return [pb.AudioChunk(wav_data=piece, chunk_index=i, last=i == len(pieces) - 1, sample_rate_hz=sample_rate_hz,
                           format=int(fmt)) for i, piece in enumerate(pieces)]
+
+
+# GenerateRequest.Mode -> generation mode name (None: unspecified, decided by whether init audio is given).
+GENERATE_MODES = {pb.GenerateRequest.MODE_UNSPECIFIED: None,
+                  **{pb.GenerateRequest.Mode.Value(f"MODE_{name.upper()}"): name for name in MODES}}
+
+
+def generate_mode(value: int) -> str | None:
+    """The mode name of a GenerateRequest.mode value; INVALID_ARGUMENT for a value the API does not define."""
+    if value not in GENERATE_MODES:
+        raise InvalidArgument(f"unknown mode {value}; expected MODE_TEXT, MODE_VARY or MODE_CONTINUE")
+    return GENERATE_MODES[value]
+
+
+def stored_audio(wav: bytes) -> AudioData:
+    """A pattern's stored WAV (16-bit, 16 kHz) as AudioData for the AudioChunk builder: in WAV 16 its bytes go out as
+    they are (so their SHA-256 is the pattern's audio_sha256); other formats are encoded from its samples."""
+    return AudioData([wav[i: i + WAV_CHUNK_BYTES] for i in range(0, len(wav), WAV_CHUNK_BYTES)], TARGET_RATE_HZ)

@@ -38,6 +38,7 @@ from grym_synth.workflow.store import WorkflowState
 from grym_synth.generation.service import (DEFAULT_SCHEDULER, SCHEDULERS, AudioData, GenerateParams, GenerationService,
                                           Progress)
 from grym_synth.generation.service import validate as validate_generation
+from grym_synth.generation.service import validate_init
 from grym_synth.core.logs import request_id_var
 from grym_synth.core.metrics import Metrics
 from grym_synth.memory.store import DEFAULT_PAGE_SIZE, DEFAULT_TOP_K, PatternRecord, PatternStore, check_pattern_id
@@ -217,6 +218,14 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             raise InvalidArgument(f"audio contains {int((~np.isfinite(samples)).sum())} NaN or infinite sample(s)")
         return self.analysis.validate(to_mono_16k(samples, rate))
 
+    def _generate_init(self, request: pb.GenerateRequest) -> Any:
+        """Generate's init-audio fields (12-15), decoded and checked (generation.validate_init)."""
+        mode = convert.generate_mode(request.mode)
+        audio = self._audio(request.init_audio).samples if request.HasField("init_audio") else None
+        strength = request.init_strength if request.HasField("init_strength") else None
+        return validate_init(mode, audio, request.init_pattern_id, strength,
+                             duration_given=request.duration_seconds != 0)
+
     @staticmethod
     def _pattern(p: PatternRecord) -> common_pb2.Pattern:
         ts = Timestamp()
@@ -224,6 +233,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
         return common_pb2.Pattern(
             pattern_id=p.id, embedding=p.embedding or [], model=p.model, profile=p.profile,
             duration_seconds=p.duration_s, tags=p.tags, create_time=ts, source=p.source, metadata=p.metadata,
+            has_audio=bool(p.audio_sha256), audio_sha256=p.audio_sha256,
         )
 
     @staticmethod
@@ -303,6 +313,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
         async with self.rpc_scope("Generate", context, request.request_id) as scope:
             params = _generate_params(request, self.generation.max_duration_s)
             fmt = convert.audio_format(request.output_format)
+            params = await self.generation.with_init(params, self._generate_init(request))
             rid = scope.request_id
             async for event in self.generation.generate(params, store=request.store, tags=dict(request.tags),
                                                         deadline=_deadline(context), request_id=rid):
@@ -317,6 +328,18 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                         seed=event.seed, duration_seconds=event.duration_s, sample_rate_hz=event.sample_rate_hz,
                         frames=event.frames, embedding=event.embedding.tolist(),
                         pattern_id=event.pattern.id if event.pattern else "", cached=event.cached))
+
+    async def GetPatternAudio(self, request: pb.GetPatternAudioRequest, context: grpc.aio.ServicerContext) -> None:
+        await self._write_all(context, self._get_pattern_audio(request, context))
+
+    async def _get_pattern_audio(self, request: pb.GetPatternAudioRequest,
+                                 context: grpc.aio.ServicerContext) -> AsyncIterator[pb.GetPatternAudioResponse]:
+        async with self.rpc_scope("GetPatternAudio", context, request.request_id) as scope:
+            _require_id(request.pattern_id)
+            _, wav = await self.store.audio(request.pattern_id)
+            fmt = convert.audio_format(request.format, "format")
+            for chunk in _audio_chunks(convert.stored_audio(wav), fmt):
+                yield pb.GetPatternAudioResponse(request_id=scope.request_id, audio=chunk)
 
     async def Compose(self, request: pb.ComposeRequest, context: grpc.aio.ServicerContext) -> None:
         await self._write_all(context, self._compose(request, context))

@@ -29,7 +29,8 @@ from grym_synth.analysis.service import AnalysisService
 from grym_synth.core.audio import TARGET_RATE_HZ, to_mono_16k
 from grym_synth.coordinator.base import CoordinatorBackend, TokenEvent
 from grym_synth.core.errors import Cancelled, DeadlineExceeded, GrymError, InvalidArgument
-from grym_synth.generation.service import AudioData, GenerationService, Progress, validate, wav_chunks
+from grym_synth.generation.service import (DEFAULT_INIT_STRENGTH, AudioData, GenerationService, InitSpec, Progress,
+                                          validate, wav_chunks)
 from grym_synth.inference.export.coordinator import DEFAULT_MAX_TOKENS, GENERATION_DEFAULTS, MAX_TOKENS_LIMIT
 from grym_synth.memory.learning import FeedbackStore, detect_clusters, recall_for_request
 from grym_synth.memory.store import PatternRecord, PatternStore, validate_tags
@@ -99,6 +100,10 @@ class GenerateExecutor:
         params = validate(str(q["prompt"]), str(q.get("negative_prompt") or ""), float(q["duration_s"]),
                           int(q["steps"]), float(q["guidance_scale"]), int(q["seed"]), str(q["scheduler"]),
                           self.generation.max_duration_s)
+        if step.type == "vary" and inputs.get("init_pattern_id"):  # audio-to-audio from the recalled pattern
+            params = await self.generation.with_init(params, InitSpec(
+                mode="vary", pattern_id=str(inputs["init_pattern_id"]),
+                strength=float(inputs.get("strength", DEFAULT_INIT_STRENGTH))))
         samples, seed, cached = np.zeros(0, np.float32), params.seed or 0, False
         # Waits for one of the generation slots shared with Generate; cancelling the step (the client went away,
         # the deadline, a sibling failed) closes the Triton stream, and the audioldm model stops within one step.
@@ -111,7 +116,14 @@ class GenerateExecutor:
                 else:
                     samples, seed, cached = item
         return {"audio": samples, "sample_rate_hz": TARGET_RATE_HZ, "seed": seed, "cached": cached,
-                "duration_s": len(samples) / TARGET_RATE_HZ, "params": dict(q)}
+                "duration_s": len(samples) / TARGET_RATE_HZ, "params": dict(q),
+                "init_pattern_id": params.init_pattern_id}  # set when a vary step started from stored audio
+
+
+def result_audio(audio: Any, rate: int | None) -> np.ndarray:
+    """A step's audio as the 16 kHz mono samples a pattern stores (memory/audio_store.py)."""
+    samples = np.asarray(audio, dtype=np.float32).reshape(-1)
+    return to_mono_16k(samples[:, None], int(rate)) if rate and rate != TARGET_RATE_HZ else samples
 
 
 class AnalyzeExecutor:
@@ -133,7 +145,8 @@ class AnalyzeExecutor:
 
     async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         result = await self._run(inputs["audio"], inputs.get("sample_rate_hz"), ctx.deadline, ctx.request_id)
-        return {"embedding": result.embedding.tolist(), "frames": result.frames, "duration_s": result.duration_s}
+        return {"embedding": result.embedding.tolist(), "frames": result.frames, "duration_s": result.duration_s,
+                "analysed_audio": result_audio(inputs["audio"], inputs.get("sample_rate_hz"))}
 
 
 class TaggingStoreExecutor(StoreExecutor):

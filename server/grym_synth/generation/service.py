@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -25,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from grym_synth.analysis.service import AnalysisService
-from grym_synth.core.audio import TARGET_RATE_HZ, encode_wav, to_mono_16k
+from grym_synth.core.audio import TARGET_RATE_HZ, decode_file, encode_wav, to_mono_16k
 from grym_synth.core.cache import LruCache, digest
 from grym_synth.core.errors import DownstreamError, InvalidArgument, ResourceExhausted, Unavailable
 from grym_synth.core.metrics import Metrics
-from grym_synth.memory.store import PatternRecord, PatternStore, validate_tags
+from grym_synth.memory.store import PatternRecord, PatternStore, check_pattern_id, validate_tags
 from grym_synth.inference.export.audioldm import DEFAULT_SCHEDULER
 from grym_synth.inference.export.audioldm import SCHEDULERS as EXPORTED_SCHEDULERS
 from grym_synth.inference.triton_client import TritonClient
@@ -38,6 +40,12 @@ log = logging.getLogger(__name__)
 
 PIPELINE_MODEL = "audioldm"
 COMPONENT_MODELS = ("clap_text_encoder", "unet", "vae_decoder", "vocoder")
+ENCODER_MODEL = "vae_encoder"  # VARY and CONTINUE only: a server without it still serves text generation
+MODES = ("text", "vary", "continue")  # GenerateRequest.Mode (MODE_<NAME>); unspecified: text, vary with init audio
+DEFAULT_INIT_STRENGTH = 0.6
+# CONTINUE: seconds at the end of the init audio the continuation is conditioned on (the known region of the
+# window; AudioLDM was trained on ~10 s windows, so a quarter of one keeps most of the window for new audio).
+CONTINUE_CONTEXT_S = 2.5
 SCHEDULERS = tuple(EXPORTED_SCHEDULERS)  # the schedulers the exporter writes, the one list (names only here)
 MAX_PROMPT_CHARS = 1000
 MAX_STEPS = 200
@@ -58,13 +66,33 @@ class GenerateParams:
     guidance_scale: float = DEFAULT_GUIDANCE
     seed: int | None = None
     scheduler: str = DEFAULT_SCHEDULER
+    mode: str = "text"
+    # VARY: the audio to vary (cut to the duration); CONTINUE: the context (the init's last seconds). 16 kHz mono.
+    init_audio: np.ndarray | None = field(default=None, repr=False, compare=False)
+    init_strength: float = DEFAULT_INIT_STRENGTH
+    init_pattern_id: str = ""
+
+    @property
+    def init_sha256(self) -> str:
+        """SHA-256 of the init audio as the model receives it (float32 samples), "" without."""
+        return "" if self.init_audio is None else hashlib.sha256(self.init_audio.tobytes()).hexdigest()
+
+    @property
+    def context_s(self) -> float:
+        return 0.0 if self.init_audio is None else len(self.init_audio) / TARGET_RATE_HZ
 
     def metadata(self, seed: int, profile: str) -> dict[str, str]:
-        """What a pattern keeps so the audio can be regenerated bit for bit."""
-        return {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": str(seed),
+        """What a pattern keeps so the audio can be regenerated bit for bit (with the init audio, for VARY and
+        CONTINUE: named by its pattern or by the hash of its samples)."""
+        meta = {"prompt": self.prompt, "negative_prompt": self.negative_prompt, "seed": str(seed),
                 "steps": str(self.steps), "guidance_scale": repr(self.guidance_scale),
                 "duration_s": repr(self.duration_s), "scheduler": self.scheduler, "model": PIPELINE_MODEL,
                 "profile": profile}
+        if self.mode != "text":
+            meta.update(mode=self.mode, init_audio_sha256=self.init_sha256, init_pattern_id=self.init_pattern_id)
+            if self.mode == "vary":
+                meta["init_strength"] = repr(self.init_strength)
+        return meta
 
 
 @dataclass
@@ -242,6 +270,41 @@ def validate(prompt: str, negative_prompt: str, duration_s: float, steps: int, g
                           guidance_scale=float(guidance), seed=seed, scheduler=scheduler)
 
 
+@dataclass(frozen=True)
+class InitSpec:
+    """What a request says about its init audio, checked (:func:`validate_init`) but not yet loaded."""
+
+    mode: str = "text"
+    audio: np.ndarray | None = field(default=None, repr=False, compare=False)  # 16 kHz mono, or None
+    pattern_id: str = ""
+    strength: float = DEFAULT_INIT_STRENGTH
+    duration_given: bool = True  # False: the request left duration at 0 (VARY then keeps the init's length)
+
+
+def validate_init(mode: str | None, audio: np.ndarray | None, pattern_id: str, strength: float | None,
+                  duration_given: bool = True) -> InitSpec:
+    """The request's init-audio fields, with the field names in the messages (INVALID_ARGUMENT before any model
+    runs): TEXT takes no init audio, VARY and CONTINUE need exactly one of init_audio / init_pattern_id, and
+    init_strength is a number in [0, 1] (NaN refused)."""
+    has_init = audio is not None or bool(pattern_id)
+    resolved = mode or ("vary" if has_init else "text")
+    if resolved not in MODES:
+        raise InvalidArgument(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    if audio is not None and pattern_id:
+        raise InvalidArgument("init_audio and init_pattern_id are exclusive: give one audio to start from")
+    if resolved == "text" and has_init:
+        raise InvalidArgument("mode TEXT takes no init audio; use MODE_VARY or MODE_CONTINUE with init_audio or "
+                              "init_pattern_id")
+    if resolved != "text" and not has_init:
+        raise InvalidArgument(f"mode {resolved.upper()} needs init_audio or init_pattern_id")
+    if pattern_id:
+        check_pattern_id(pattern_id, "init_pattern_id")
+    value = DEFAULT_INIT_STRENGTH if strength is None else _finite_number("init_strength", strength)
+    if not 0.0 <= value <= 1.0:
+        raise InvalidArgument(f"init_strength must be in [0, 1], got {strength}")
+    return InitSpec(mode=resolved, audio=audio, pattern_id=pattern_id, strength=value, duration_given=duration_given)
+
+
 def wav_chunks(samples: np.ndarray, rate: int) -> list[bytes]:
     data = encode_wav(samples, rate)
     return [data[i: i + WAV_CHUNK_BYTES] for i in range(0, len(data), WAV_CHUNK_BYTES)]
@@ -295,8 +358,44 @@ class GenerationService:
         self.metrics = metrics
         self._ready_until = 0.0
 
-    async def check_models(self) -> None:
+    async def with_init(self, p: GenerateParams, init: InitSpec) -> GenerateParams:
+        """``p`` with its init audio loaded (from the request or a stored pattern: NOT_FOUND when the pattern has
+        none, DATA_LOSS when its file is lost) and cut to what the model uses: VARY the first ``duration`` seconds
+        (duration 0: the init's own length, up to the maximum), CONTINUE the last :data:`CONTINUE_CONTEXT_S`; a
+        continuation's window (context + duration) must fit the model's maximum duration."""
+        if init.mode == "text":
+            return p
+        audio = init.audio
+        if audio is None:
+            _, wav = await self.store.audio(init.pattern_id)
+            audio = to_mono_16k(*decode_file(wav, max_seconds=self.max_duration_s + 1, what="the stored audio"))
+        audio = np.ascontiguousarray(audio, dtype=np.float32).reshape(-1)
+        if audio.size == 0:
+            raise InvalidArgument("the init audio is empty")
+        limits = _limits
+        high = min(self.max_duration_s, limits.max_duration_s)
+        duration = p.duration_s
+        if init.mode == "vary":
+            if not init.duration_given:
+                duration = min(max(audio.size / TARGET_RATE_HZ, limits.min_duration_s), high)
+            audio = audio[: int(round(duration * TARGET_RATE_HZ))]
+        else:
+            audio = audio[max(0, audio.size - int(CONTINUE_CONTEXT_S * TARGET_RATE_HZ)):]
+            window = audio.size / TARGET_RATE_HZ + duration
+            if window > high:
+                context = audio.size / TARGET_RATE_HZ
+                raise InvalidArgument(f"a continuation generates its context ({context:g} s of the init audio) plus "
+                                      f"duration_seconds ({duration:g} s) = {window:g} s, more than the maximum "
+                                      f"{high:g} s; ask for at most {high - context:g} s")
+        return dataclasses.replace(p, duration_s=float(duration), mode=init.mode, init_audio=audio,
+                                   init_strength=init.strength, init_pattern_id=init.pattern_id)
+
+    async def check_models(self, mode: str = "text") -> None:
         """UNAVAILABLE naming the first model that is not loaded, before any model runs (cached for 2 s)."""
+        if mode != "text":
+            if not await self.triton.model_ready(ENCODER_MODEL):
+                raise Unavailable(f"triton:{ENCODER_MODEL}", f"model {ENCODER_MODEL} is not loaded in Triton; VARY "
+                                  "and CONTINUE need it (text generation does not)")
         if time.monotonic() < self._ready_until:
             return
         models = (PIPELINE_MODEL, *COMPONENT_MODELS)
@@ -310,8 +409,9 @@ class GenerationService:
     def _cache_key(self, p: GenerateParams) -> str | None:
         if p.seed is None:
             return None  # a random seed is not a deterministic request
+        init = (p.mode, p.init_sha256, repr(p.init_strength)) if p.mode != "text" else ()
         return digest(self.profile, p.prompt, p.negative_prompt, repr(p.duration_s), str(p.steps),
-                      repr(p.guidance_scale), str(p.seed), p.scheduler)
+                      repr(p.guidance_scale), str(p.seed), p.scheduler, *init)
 
     async def _run_pipeline(self, p: GenerateParams, *, deadline: float | None,
                             request_id: str) -> AsyncIterator[Progress | tuple[np.ndarray, int, int]]:
@@ -326,6 +426,12 @@ class GenerationService:
             inputs["negative_prompt"] = np.array([p.negative_prompt.encode()], dtype=np.object_)
         if p.seed is not None:
             inputs["seed"] = np.array([p.seed], dtype=np.int64)
+        if p.mode != "text" and p.init_audio is not None:
+            inputs["mode"] = np.array([p.mode.encode()], dtype=np.object_)
+            inputs["init_audio"] = p.init_audio
+            inputs["init_strength"] = np.array([p.init_strength], dtype=np.float32)
+            if p.mode == "continue":
+                inputs["context_s"] = np.array([p.context_s], dtype=np.float32)
         async for out in self.triton.stream(PIPELINE_MODEL, inputs, (), deadline=deadline, request_id=request_id):
             if "waveform" in out:
                 seed = int(np.asarray(out["seed"]).reshape(-1)[0]) if "seed" in out else int(p.seed or 0)
@@ -347,7 +453,7 @@ class GenerationService:
         if hit is not None:
             yield hit[0], hit[1], True
             return
-        await self.check_models()
+        await self.check_models(p.mode)
         result = None
         async with self.slots.hold(wait=wait_for_slot, what=what):
             stream = self._run_pipeline(p, deadline=deadline, request_id=request_id)
@@ -383,7 +489,8 @@ class GenerationService:
                          frames=analysis.frames, embedding=analysis.embedding, cached=cached, samples=samples)
         if store:
             done.pattern = await self.store.insert(analysis.embedding, duration_s=done.duration_s, tags=tags,
-                                                   source="generate", metadata=p.metadata(seed, self.profile))
+                                                   source="generate", metadata=p.metadata(seed, self.profile),
+                                                   audio=samples)
             if self.metrics:
                 self.metrics.patterns_stored.labels("generate").inc()
         yield done

@@ -36,6 +36,7 @@ from grym_synth.core.errors import InvalidArgument, NotFound, ResourceExhausted,
 from grym_synth.core.resilience import AsyncBreaker
 
 if TYPE_CHECKING:
+    from grym_synth.memory.audio_store import AudioStore
     from grym_synth.memory.recall_index import RecallIndex
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,13 @@ class PatternRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     embedding: list[float] | None = None
     score: float | None = None
+
+    @property
+    def audio_sha256(self) -> str:
+        """SHA-256 of the pattern's stored audio ("" without), from the reserved metadata key (audio_store.py)."""
+        from grym_synth.memory.audio_store import AUDIO_SHA_KEY
+
+        return str(self.metadata.get(AUDIO_SHA_KEY, ""))
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "PatternRecord":
@@ -199,7 +207,7 @@ class PatternStore:
 
     def __init__(self, uri: str, *, dim: int, model: str, profile: str, collection_prefix: str = "grym_patterns",
                  token: str | None = None, breaker: AsyncBreaker | None = None,
-                 recall_index: RecallIndex | None = None) -> None:
+                 recall_index: RecallIndex | None = None, audio_store: AudioStore | None = None) -> None:
         self.uri = uri
         self.token = token
         self.dim = dim
@@ -217,6 +225,8 @@ class PatternStore:
         # Text recall's in-memory view of this store (None: recall queries Milvus); loaded and reconciled by
         # RecallIndex.keep_in_sync, told about this store's writes below.
         self.recall_index = recall_index
+        # Where patterns' audio is kept (None: patterns are stored without audio); see memory/audio_store.py.
+        self.audio_store = audio_store
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     @property
@@ -394,10 +404,29 @@ class PatternStore:
 
     # --- operations ---------------------------------------------------------------------------------------------
     async def insert(self, embedding: Sequence[float], *, duration_s: float, tags: Mapping[str, str], source: str,
-                     metadata: Mapping[str, str] | None = None) -> PatternRecord:
+                     metadata: Mapping[str, str] | None = None, audio: np.ndarray | None = None) -> PatternRecord:
+        """Store a pattern; with ``audio`` (16 kHz mono samples) and an audio store, its audio too: the file is
+        written first and named in the metadata, so a stored pattern never references audio that is not there, and
+        a failed insert removes the file again unless another pattern uses it."""
+        from grym_synth.memory.audio_store import AUDIO_SHA_KEY
+
+        meta = {k: v for k, v in (metadata or {}).items() if k != AUDIO_SHA_KEY}  # the key is the server's alone
+        if audio is None or self.audio_store is None:
+            return await self._insert(embedding, duration_s=duration_s, tags=tags, source=source, meta=meta)
+        self.check_vector(embedding)
+        validate_tags(tags)
+        async with self.audio_store.lock:
+            meta[AUDIO_SHA_KEY] = await self.audio_store.put(audio)
+            try:
+                return await self._insert(embedding, duration_s=duration_s, tags=tags, source=source, meta=meta)
+            except BaseException:
+                await asyncio.shield(self._collect_audio(meta[AUDIO_SHA_KEY]))
+                raise
+
+    async def _insert(self, embedding: Sequence[float], *, duration_s: float, tags: Mapping[str, str], source: str,
+                      meta: dict[str, str]) -> PatternRecord:
         vector = self.check_vector(embedding)
         tags = validate_tags(tags)
-        meta = dict(metadata or {})
         if len(json.dumps(meta)) > MAX_META_BYTES:
             raise InvalidArgument(f"pattern metadata exceeds {MAX_META_BYTES} bytes")
         record = PatternRecord(
@@ -420,18 +449,50 @@ class PatternStore:
         return PatternRecord.from_row(rows[0])
 
     async def delete(self, pattern_id: str) -> None:
+        """Delete a pattern, and its audio file when no other pattern references it (GC by reference query)."""
         check_pattern_id(pattern_id)
 
-        def op() -> bool:
-            if not self._client.get(self.collection, ids=[pattern_id], output_fields=["id"]):
-                return False
+        def op() -> PatternRecord | None:
+            rows = self._client.get(self.collection, ids=[pattern_id], output_fields=["id", "metadata"])
+            if not rows:
+                return None
             self._client.delete(self.collection, ids=[pattern_id])
-            return True
+            return PatternRecord.from_row(rows[0])
 
-        if not await self._run(op):
+        if self.audio_store is None:
+            deleted = await self._run(op)
+        else:
+            async with self.audio_store.lock:
+                deleted = await self._run(op)
+                if deleted is not None and deleted.audio_sha256:
+                    await self._collect_audio(deleted.audio_sha256)
+        if deleted is None:
             raise NotFound(f"pattern {pattern_id!r} does not exist")
         if self.recall_index is not None:
             self.recall_index.remove(pattern_id)
+
+    async def _collect_audio(self, sha: str) -> None:
+        """Remove the audio file ``sha`` unless a stored pattern still references it (call under the audio lock).
+        A failure only leaves an unreferenced file behind (logged), never a pattern without its audio."""
+        from grym_synth.memory.audio_store import AUDIO_SHA_KEY, is_sha256
+
+        if self.audio_store is None or not is_sha256(sha):
+            return
+        try:
+            expr = f"metadata[{quote(AUDIO_SHA_KEY)}] == {quote(sha)}"
+            if not await self._run(lambda: self._client.query(self.collection, filter=expr, output_fields=["id"],
+                                                              limit=1)):
+                await self.audio_store.delete(sha)
+        except Exception:  # a leftover file is harmless; a failed delete must not fail the pattern's deletion
+            log.warning("could not collect the audio file %s", sha, exc_info=True)
+
+    async def audio(self, pattern_id: str) -> tuple[PatternRecord, bytes]:
+        """(the pattern, its stored WAV bytes); NOT_FOUND when it has none, DATA_LOSS when the file is lost."""
+        record = await self.get(pattern_id)
+        if not record.audio_sha256 or self.audio_store is None:
+            raise NotFound(f"pattern {pattern_id} has no stored audio (it was stored without audio, e.g. before "
+                           "audio storage was enabled); GetPatternAudio, VARY and CONTINUE need a pattern with audio")
+        return record, await self.audio_store.get(record.audio_sha256, pattern_id=pattern_id)
 
     async def search(self, vector: Sequence[float], *, top_k: int, tag_filter: Mapping[str, str] | None = None,
                      exclude_id: str | None = None, include_embedding: bool = False) -> list[PatternRecord]:

@@ -125,7 +125,8 @@ class AnalysisToStore:
     def __call__(self, link: Link) -> dict[str, Any]:
         return {"embedding": link.outputs["embedding"], "duration_s": float(link.outputs.get("duration_s") or 0.0),
                 "metadata": provenance_metadata(link.outputs.get("provenance"), workflow_id=link.workflow_id),
-                "tags": dict(link.target.params.get("tags") or {})}
+                "tags": dict(link.target.params.get("tags") or {}),
+                "audio_to_keep": link.outputs.get("analysed_audio")}  # stored with the pattern (16 kHz mono)
 
 
 class GenerateToStore:
@@ -177,8 +178,10 @@ class RecallToVary:
                 params[key] = p[key]
         if p.get("prompt_suffix"):
             params["prompt"] = f"{params['prompt']}, {p['prompt_suffix']}"[:MAX_PROMPT_CHARS]
+        # A pattern with stored audio is varied audio-to-audio (VARY from its audio at this strength); one without
+        # is re-rendered from its provenance with the moved seed, as before.
         return {"params": params, "varied_from": record.id, "strength": strength, "variation": variation,
-                "original_seed": original_seed}
+                "original_seed": original_seed, "init_pattern_id": record.id if record.audio_sha256 else ""}
 
 
 def _recalled_pattern(link: Link) -> PatternRecord:

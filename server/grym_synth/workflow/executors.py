@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from grym_synth.core.audio import TARGET_RATE_HZ
 from grym_synth.core.errors import FailedPrecondition
 from grym_synth.memory.learning import FeedbackStore, rank_recalled, recall_for_request
 from grym_synth.memory.store import MAX_TOP_K, PatternRecord, PatternStore
@@ -111,5 +112,18 @@ class StoreExecutor:
         record = await self.patterns.insert(
             np.asarray(embedding, dtype=np.float32).tolist(), duration_s=duration,
             tags=inputs.get("tags") or step.params.get("tags") or {}, source=f"{self.source}:{ctx.workflow_id}",
-            metadata=inputs.get("metadata") or {})
+            metadata=inputs.get("metadata") or {}, audio=_audio_to_keep(inputs))
         return {"pattern_id": record.id, "pattern": record}
+
+
+def _audio_to_keep(inputs: dict[str, Any]) -> np.ndarray | None:
+    """The audio a store step keeps with its pattern: the analysed 16 kHz mono audio (analyze -> store), or the
+    generated audio itself (generate -> store; AudioLDM's rate is 16 kHz)."""
+    kept = inputs.get("audio_to_keep")
+    if kept is not None:
+        return np.asarray(kept, dtype=np.float32).reshape(-1)
+    audio, rate = inputs.get("audio"), inputs.get("sample_rate_hz")
+    if audio is None or (rate and int(rate) != TARGET_RATE_HZ):
+        return None
+    return np.asarray(audio, dtype=np.float32).reshape(-1)
+

@@ -51,7 +51,21 @@ TENSORS: dict[str, dict[str, tuple[str, ...]]] = {
     "unet": {"inputs": ("sample", "timestep", "class_labels"), "outputs": ("noise_pred",)},
     "vae_decoder": {"inputs": ("latents",), "outputs": ("mel",)},
     "vocoder": {"inputs": ("mel",), "outputs": ("waveform",)},
+    "vae_encoder": {"inputs": ("waveform",), "outputs": ("latents",)},
 }
+
+# AudioLDM's mel front end (the original repository's audioldm/audio/stft.py ``TacotronSTFT`` with the
+# audioldm-s configs: 16 kHz, filter_length 1024, hop 160, win 1024, 64 mel bins, fmin 0, fmax 8000; librosa's
+# Slaney mel filters; magnitude (not power) STFT, reflect-padded by n_fft/2 (centred frames); log(clamp(x, 1e-5))),
+# applied to audio normalised as its ``normalize_wav``: mean removed, peak scaled to 0.5. The hop is the vocoder's
+# (prod(upsample_rates): 160 for AudioLDM-S, 64 for the tiny profile) and the bin count its model_in_dim, so that
+# one mel frame is one vocoder frame and encode -> decode -> vocoder round-trips in time.
+MEL_N_FFT = 1024
+MEL_WIN_LENGTH = 1024
+MEL_FMIN_HZ = 0.0
+MEL_FMAX_HZ = 8000.0
+MEL_LOG_FLOOR = 1e-5
+INIT_PEAK = 0.5
 
 # Schedulers the pipeline model offers. "ddim" is AudioLDM's own; the others are built exactly the way
 # scripts/convert_original_audioldm_to_diffusers.py derives them: ``<Class>.from_config(ddim.config)``
@@ -158,7 +172,8 @@ PROFILES: dict[str, AudioLDMProfile] = {
         tokenizer_max_length=64,
         tokenizer_vocab_size=1000,
         trace_latent_frames=63,
-        parity_bound={"clap_text_encoder": 1e-4, "unet": 1e-4, "vae_decoder": 1e-4, "vocoder": 1e-4},
+        parity_bound={"clap_text_encoder": 1e-4, "unet": 1e-4, "vae_decoder": 1e-4, "vocoder": 1e-4,
+                      "vae_encoder": 1e-4},
     ),
     # full: the architecture of cvssp/audioldm-s-full-v2 (AudioLDM-S).
     # * UNet / VAE / vocoder: diffusers scripts/convert_original_audioldm_to_diffusers.py, DEFAULT_CONFIG (the
@@ -235,7 +250,8 @@ PROFILES: dict[str, AudioLDMProfile] = {
         tokenizer_max_length=512,
         tokenizer_vocab_size=1000,
         trace_latent_frames=125,  # a 5 s clip: int(5 / 0.01) = 500 mel frames / 4
-        parity_bound={"clap_text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 1e-3, "vocoder": 1e-3},
+        parity_bound={"clap_text_encoder": 1e-3, "unet": 1e-3, "vae_decoder": 1e-3, "vocoder": 1e-3,
+                      "vae_encoder": 1e-3},
     ),
 }
 
@@ -705,6 +721,142 @@ def export_vocoder(profile: str, model_dir: Path, weights: Path | None, seed: in
     )
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Audio-to-audio: the mel front end and the VAE encoder
+# --------------------------------------------------------------------------------------------------------------
+def mel_config(c: Components) -> dict[str, Any]:
+    """The front end's parameters for these components (see the MEL_* constants for where they come from)."""
+    return {
+        "sampling_rate": int(c.vocoder.config.sampling_rate),
+        "n_fft": MEL_N_FFT,
+        "win_length": MEL_WIN_LENGTH,
+        "hop_length": int(np.prod(c.vocoder.config.upsample_rates)),
+        "n_mels": int(c.vocoder.config.model_in_dim),
+        "fmin_hz": MEL_FMIN_HZ,
+        "fmax_hz": min(MEL_FMAX_HZ, c.vocoder.config.sampling_rate / 2),
+        "log_floor": MEL_LOG_FLOOR,
+        "init_peak": INIT_PEAK,
+    }
+
+
+def mel_filters(config: dict[str, Any]) -> np.ndarray:
+    """[n_mels, n_fft // 2 + 1] Slaney mel filters (librosa.filters.mel's defaults, via transformers' port)."""
+    from transformers.audio_utils import mel_filter_bank
+
+    bank = mel_filter_bank(num_frequency_bins=config["n_fft"] // 2 + 1, num_mel_filters=config["n_mels"],
+                           min_frequency=config["fmin_hz"], max_frequency=config["fmax_hz"],
+                           sampling_rate=config["sampling_rate"], norm="slaney", mel_scale="slaney")
+    return np.ascontiguousarray(bank.T, dtype=np.float32)
+
+
+def normalize_init_audio(waveform: np.ndarray, peak: float = INIT_PEAK) -> tuple[np.ndarray, float]:
+    """AudioLDM's ``normalize_wav``: (waveform - mean) scaled to ``peak``; returns it and the gain applied, so that
+    generated audio can be brought back to the caller's level (divided by the gain)."""
+    x = np.asarray(waveform, dtype=np.float64)
+    x = x - x.mean() if x.size else x
+    gain = peak / (float(np.max(np.abs(x))) + 1e-8) if x.size else 1.0
+    return (x * gain).astype(np.float32), gain
+
+
+def _front_end_modules():
+    import torch
+    import torch.nn.functional as F
+
+    class MelFrontEnd(torch.nn.Module):
+        """waveform [B, S] -> log-mel [B, 1, S // hop, n_mels], TacotronSTFT's computation as graph-friendly ops:
+        the STFT is a strided conv1d with a windowed Fourier basis (as the original's ``STFT`` module computes it),
+        so it exports to plain ONNX. Frames are centred (reflect padding of n_fft / 2); the last, partial frame is
+        dropped so that S = frames * hop maps to exactly ``frames`` mel frames (AudioLDM cuts to its target length
+        the same way)."""
+
+        def __init__(self, config: dict[str, Any]):
+            super().__init__()
+            n_fft, win = config["n_fft"], config["win_length"]
+            self.n_fft, self.hop = n_fft, config["hop_length"]
+            self.bins = n_fft // 2 + 1
+            self.floor = float(config["log_floor"])
+            window = torch.zeros(n_fft, dtype=torch.float64)
+            start = (n_fft - win) // 2
+            window[start:start + win] = torch.hann_window(win, periodic=True, dtype=torch.float64)
+            n = torch.arange(n_fft, dtype=torch.float64)
+            k = torch.arange(self.bins, dtype=torch.float64)[:, None]
+            angle = 2 * torch.pi * k * n / n_fft
+            basis = torch.cat([torch.cos(angle), -torch.sin(angle)]) * window
+            self.register_buffer("basis", basis[:, None, :].float())
+            self.register_buffer("mel_basis", torch.from_numpy(mel_filters(config)))
+
+        def forward(self, waveform):
+            frames = waveform.shape[1] // self.hop
+            x = F.pad(waveform[:, None, :], (self.n_fft // 2, self.n_fft // 2), mode="reflect")
+            spec = F.conv1d(x, self.basis, stride=self.hop)
+            magnitude = torch.sqrt(spec[:, : self.bins] ** 2 + spec[:, self.bins:] ** 2)
+            mel = torch.log(torch.clamp(torch.matmul(self.mel_basis, magnitude), min=self.floor))
+            return mel[:, :, :frames].transpose(1, 2)[:, None]
+
+    class VaeEncode(torch.nn.Module):
+        """waveform -> latents in the UNet's space: ``scaling_factor * vae.encode(mel).latent_dist.mean`` (AudioLDM's
+        ``get_first_stage_encoding`` with the posterior's mode instead of a sample, so that encoding is
+        deterministic)."""
+
+        def __init__(self, vae, config: dict[str, Any]):
+            super().__init__()
+            self.front = MelFrontEnd(config)
+            self.vae = vae
+            self.scale = float(vae.config.scaling_factor)
+
+        def forward(self, waveform):
+            return self.scale * self.vae.encode(self.front(waveform)).latent_dist.mean
+
+    return MelFrontEnd, VaeEncode
+
+
+def mel_front_end(c: Components):
+    """The front end as a torch module (tests compare it with a reference STFT)."""
+    MelFrontEnd, _ = _front_end_modules()
+    return MelFrontEnd(mel_config(c)).eval()
+
+
+def vae_encode_module(c: Components):
+    """waveform -> latents, the exact module exported as ``vae_encoder`` (tests run it in process)."""
+    _, VaeEncode = _front_end_modules()
+    return VaeEncode(c.vae, mel_config(c)).eval()
+
+
+def export_vae_encoder(profile: str, model_dir: Path, weights: Path | None, seed: int) -> dict[str, Any]:
+    """``vae_encoder``: AudioLDM-normalised 16 kHz waveform [B, S] -> latents [B, C, S // (hop * f), mel_bins // f],
+    S a multiple of hop * f (the pipeline model pads) -> model_dir/1/model.onnx."""
+    import torch
+
+    started = time.perf_counter()
+    c = build_components(profile, weights, seed)
+    module = vae_encode_module(c)
+    config = mel_config(c)
+    step = config["hop_length"] * c.vae_scale_factor  # samples per latent frame
+    frames = _profile(profile).trace_latent_frames
+    rng = _rng(seed + 3)
+    args = (torch.from_numpy((0.3 * rng.standard_normal((1, frames * step))).astype(np.float32)),)
+    path = Path(model_dir) / "1" / ONNX_FILE
+    axes = {"waveform": {0: "batch", 1: "samples"}, "latents": {0: "batch", 2: "frames"}}
+    with fused_attention(c.vae):
+        _export_onnx(module, args, path, TENSORS["vae_encoder"], axes)
+    diffs = [
+        verify_onnx(path, module, {"waveform": (0.3 * rng.standard_normal((b, f * step))).astype(np.float32)},
+                    "latents")
+        for b, f in ((2, frames + 1), (1, max(8, frames // 2)))
+    ]
+    diff = _check_parity("vae_encoder", profile, diffs)
+    meta = _meta("vae_encoder", path, c.vae, diff, started, scaling_factor=float(c.vae.config.scaling_factor),
+                 scale_factor=c.vae_scale_factor, mel=config)
+    meta["parameters"] = _encoder_parameters(c.vae)
+    return meta
+
+
+def _encoder_parameters(vae) -> int:
+    """Parameters of what ``vae.encode`` uses (encoder + quant_conv)."""
+    quant = getattr(vae, "quant_conv", None)
+    return count_parameters(vae.encoder) + (count_parameters(quant) if quant is not None else 0)
+
+
 def pipeline_description(c: Components) -> dict[str, Any]:
     """What the ``audioldm`` pipeline model needs to know about the components (written as components.json)."""
     return {
@@ -722,6 +874,7 @@ def pipeline_description(c: Components) -> dict[str, Any]:
         "schedulers": sorted(SCHEDULERS),
         "default_scheduler": DEFAULT_SCHEDULER,
         "tensors": {name: {k: list(v) for k, v in io.items()} for name, io in TENSORS.items()},
+        "mel": mel_config(c),
     }
 
 
@@ -745,6 +898,7 @@ def export_pipeline(profile: str, model_dir: Path, weights: Path | None, seed: i
             "unet": count_parameters(c.unet),
             "vae_decoder": _decoder_parameters(c.vae),
             "vocoder": count_parameters(c.vocoder),
+            "vae_encoder": _encoder_parameters(c.vae),
         },
     }
 
@@ -754,6 +908,7 @@ EXPORTERS: dict[str, Callable[[str, Path, Path | None, int], dict[str, Any]]] = 
     "unet": export_unet,
     "vae_decoder": export_vae_decoder,
     "vocoder": export_vocoder,
+    "vae_encoder": export_vae_encoder,
     "audioldm": export_pipeline,
 }
 """Model folder -> exporter, for the lead's registry (grym_synth.inference.export.repository.EXPORTERS)."""

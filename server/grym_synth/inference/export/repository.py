@@ -33,7 +33,8 @@ MANIFEST = "manifest.json"
 # Bump when the export format changes so that stale repositories are rebuilt.
 # 2: the UNet and VAE decoder graphs carry fused attention (com.microsoft.MultiHeadAttention).
 # 3: every model runs on the Python-based backend grym_python; the ONNX models' folders hold no model.py any more.
-FORMAT_VERSION = 3
+# 4: vae_encoder (audio-to-audio) and the mel front end's parameters in audioldm's components.json.
+FORMAT_VERSION = 4
 
 # model folder -> "module:function" implementing export(profile, model_dir, weights, seed) -> dict
 EXPORTERS: dict[str, str] = {
@@ -42,6 +43,7 @@ EXPORTERS: dict[str, str] = {
     "unet": "grym_synth.inference.export.audioldm:export_unet",
     "vae_decoder": "grym_synth.inference.export.audioldm:export_vae_decoder",
     "vocoder": "grym_synth.inference.export.audioldm:export_vocoder",
+    "vae_encoder": "grym_synth.inference.export.audioldm:export_vae_encoder",
     "audioldm": "grym_synth.inference.export.audioldm:export_pipeline",
     "coordinator": "grym_synth.inference.export.coordinator:export",
     # Trained music models extracted from installed packages (docs/models.md); the profile does not change them.
@@ -56,7 +58,7 @@ MUSIC_MODELS: tuple[str, ...] = ("basic_pitch", "musicnn", "crepe", "silero_vad"
 
 # Every model the product serves (the test-suite's shared Triton loads all of them).
 ALL_MODELS: tuple[str, ...] = (
-    "wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder", "audioldm", "coordinator",
+    "wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder", "vae_encoder", "audioldm", "coordinator",
     *MUSIC_MODELS,
 )
 # What `grym-synth serve` builds by default.
@@ -80,7 +82,7 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
 # Which checkpoint family each model's weights come from (one local directory per family).
 WEIGHT_FAMILY = {
     "wav2vec2": "wav2vec2", "clap_text_encoder": "audioldm", "unet": "audioldm", "vae_decoder": "audioldm",
-    "vocoder": "audioldm", "audioldm": "audioldm", "coordinator": "coordinator",
+    "vocoder": "audioldm", "vae_encoder": "audioldm", "audioldm": "audioldm", "coordinator": "coordinator",
 }
 
 
