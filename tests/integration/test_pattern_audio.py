@@ -240,7 +240,7 @@ def test_bogus_init_pattern_ids_are_invalid_or_not_found(client: Client, pattern
       "init_audio": common_pb2.AudioInput(wav=b"RIFF")}, "audio"),
     ({"mode": pb.GenerateRequest.MODE_VARY}, "needs init_audio or init_pattern_id"),
     ({"mode": pb.GenerateRequest.MODE_CONTINUE}, "needs init_audio or init_pattern_id"),
-    ({"init_audio": common_pb2.AudioInput(wav=b"not a wav")}, "RIFF/WAVE"),
+    ({"init_audio": common_pb2.AudioInput(wav=b"not a wav")}, "init_audio.wav is text"),
 ])
 def test_bad_init_combinations(client: Client, fields: dict, says: str) -> None:
     code, details = refused(client, pb.GenerateRequest(prompt=PROMPT, steps=1, **fields))

@@ -210,18 +210,18 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             raise asyncio.CancelledError() from None
 
     # --- conversions ----------------------------------------------------------------------------------------------
-    def _audio(self, audio: common_pb2.AudioInput) -> Audio:
-        samples, rate = convert.audio_input(audio, max_seconds=self.analysis.max_audio_s)
+    def _audio(self, audio: common_pb2.AudioInput, field: str = "audio") -> Audio:
+        samples, rate = convert.audio_input(audio, max_seconds=self.analysis.max_audio_s, field=field)
         if samples.size == 0:
-            raise InvalidArgument("audio is empty")
+            raise InvalidArgument(f"{field} is empty")
         if not np.isfinite(samples).all():
-            raise InvalidArgument(f"audio contains {int((~np.isfinite(samples)).sum())} NaN or infinite sample(s)")
+            raise InvalidArgument(f"{field} contains {int((~np.isfinite(samples)).sum())} NaN or infinite sample(s)")
         return self.analysis.validate(to_mono_16k(samples, rate))
 
     def _generate_init(self, request: pb.GenerateRequest) -> Any:
         """Generate's init-audio fields (12-15), decoded and checked (generation.validate_init)."""
         mode = convert.generate_mode(request.mode)
-        audio = self._audio(request.init_audio).samples if request.HasField("init_audio") else None
+        audio = self._audio(request.init_audio, "init_audio").samples if request.HasField("init_audio") else None
         strength = request.init_strength if request.HasField("init_strength") else None
         return validate_init(mode, audio, request.init_pattern_id, strength,
                              duration_given=request.duration_seconds != 0)
