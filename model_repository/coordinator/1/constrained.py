@@ -75,7 +75,7 @@ class Grammars:
 def closing_scores(token_bytes, vocab: int) -> np.ndarray:
     """Two rows of per-token scores, built once per checkpoint so that the closing phase is one vectorised argmax:
     row 0 (inside a string): tokens that begin with ``"`` and hold only closing characters, scored by how much they
-    close; row 1 (outside strings): tokens made only of ``]`` and ``}``, scored by their length. 0: not a closer."""
+    close (a ``,`` or ``:`` after the quote lowers the score: it opens another member); row 1 (outside strings): tokens made only of ``]`` and ``}``, scored by their length. 0: not a closer."""
     scores = np.zeros((2, vocab), dtype=np.int32)
     for token in range(vocab):
         data = token_bytes(token)
@@ -83,7 +83,8 @@ def closing_scores(token_bytes, vocab: int) -> np.ndarray:
             continue
         text = data.decode("utf-8", errors="replace")
         if text.startswith('"') and set(text) <= CLOSERS:
-            scores[0, token] = 1 + 4 * sum(ch in '"]}' for ch in text) + sum(ch in ",:" for ch in text)
+            # a separator after the quote opens another member: it closes nothing, so it costs
+            scores[0, token] = max(1, 2 + 4 * sum(ch in '"]}' for ch in text) - 3 * sum(ch in ",:" for ch in text))
         if set(text) <= set("]}"):
             scores[1, token] = len(text)
     return scores
