@@ -119,3 +119,29 @@ def test_vllm_protocol_sends_guided_decoding() -> None:
     grym_inputs, _ = grym._inputs("x", 10, None, None, None, None)
     assert json.loads(grym_inputs["json_schema"][0]) == {"type": "object"}
     assert grym_inputs["json_schema"].dtype == np.object_
+
+
+async def test_openai_backend_asks_for_the_plan_schema_as_structured_output() -> None:
+    """vLLM cannot run here: a loopback server speaking OpenAI's SSE protocol stands in for it (as in
+    test_coordinator.py) and records what a vLLM server would receive."""
+    from test_coordinator import _chunk, _sse_response, openai_server
+
+    from grym_synth.coordinator.openai_backend import OpenAICoordinatorBackend
+
+    seen: dict = {}
+    plan = {"version": 1, "intent": "calm", "steps": [{"id": "g", "type": "generate", "params": {"prompt": "p"}}]}
+
+    async def handler(request):
+        seen["body"] = await request.json()
+        return await _sse_response(request, [_chunk({"reasoning_content": "short"}),
+                                             _chunk({"content": json.dumps(plan)}), _chunk({}, finish="stop"),
+                                             b"data: [DONE]\n\n"])
+
+    async with openai_server(handler) as url:
+        backend = OpenAICoordinatorBackend(url, "r1", json_schema=plan_answer_schema())
+        events = await _events(backend, "calm piano", max_tokens=64)
+        await backend.close()
+    fmt = seen["body"]["response_format"]
+    assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == plan_answer_schema()
+    assert fmt["json_schema"]["strict"] is True
+    assert choose_plan(_answer(events), "calm piano", [], RuleBasedPlanner()).planner == "coordinator"
