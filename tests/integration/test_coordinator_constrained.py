@@ -77,7 +77,7 @@ async def test_the_stream_reasons_first_then_answers(client) -> None:
     assert events[-1].token_index < 400
 
 
-@pytest.mark.parametrize("max_tokens", [64, 100, 200])
+@pytest.mark.parametrize("max_tokens", [80, 120, 200])
 async def test_small_budgets_still_close_the_json(client, max_tokens) -> None:
     backend = TritonCoordinatorBackend(client, token_timeout_s=30, json_schema=plan_answer_schema())
     for seed in range(3):

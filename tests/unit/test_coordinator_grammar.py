@@ -122,7 +122,7 @@ def _answers(draw) -> dict:
             params["steps"] = draw(st.integers(gen["steps"]["minimum"], gen["steps"]["maximum"]))
         if draw(st.booleans()):
             params["scheduler"] = draw(st.sampled_from(gen["scheduler"]["enum"]))
-        steps.append({"id": f"s{i}", "type": "generate", "params": params})
+        steps.append({"id": f"step-{i + 1}", "type": "generate", "params": params})
     return {"version": 1, "intent": draw(_PRINTABLE), "steps": steps}
 
 
@@ -137,6 +137,17 @@ def test_answers_the_grammar_accepts_are_valid_plans(answer: dict) -> None:
     assert matcher.consume_tokens(tokenizer.tokenize_bytes(data)), matcher.get_error()
     assert matcher.is_accepting()
     assert validate_plan(answer).planner == "coordinator"
+
+
+def test_step_ids_are_fixed_by_position_so_they_are_unique() -> None:
+    steps = plan_answer_schema()["properties"]["steps"]
+    assert steps["items"] is False and len(steps["prefixItems"]) == ARRAY_CAP
+    assert [p["properties"]["id"] for p in steps["prefixItems"]][:2] == [{"const": "step-1"}, {"const": "step-2"}]
+    tokenizer = llguidance.LLTokenizer("byte")
+    twice = {"version": 1, "intent": "x", "steps": [{"id": "step-1", "type": "generate", "params": {"prompt": "p"}}] * 2}
+    matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_json_schema(plan_answer_schema()),
+                                   log_level=0)
+    assert not matcher.consume_tokens(tokenizer.tokenize_bytes(json.dumps(twice, separators=(",", ":")).encode()))
 
 
 def test_grammar_refuses_what_the_plan_schema_refuses() -> None:

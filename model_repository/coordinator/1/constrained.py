@@ -90,6 +90,23 @@ def closing_scores(token_bytes, vocab: int) -> np.ndarray:
     return scores
 
 
+def shortest_answer(matcher, closing_scores: np.ndarray, token_bytes, limit: int = 1024) -> int:
+    """Tokens of the shortest answer this closing policy writes from the start (grammar-forced tokens, closers, else
+    the first allowed token): the closing phase must begin at least this many tokens before ``max_tokens``, since
+    closing from inside the answer can need as much (required keys are spelled out token by token)."""
+    probe = AnswerConstraint(matcher, think_close_ids=None, max_tokens=limit, answer_reserve=limit,
+                             close_margin=limit, closing_scores=closing_scores, token_bytes=token_bytes)
+    for produced in range(limit):
+        mask = probe.allowed(closing_scores.shape[-1])
+        if mask is None or not mask.any():
+            break
+        choice = probe.closing_choice(mask, produced)
+        token = choice if choice is not None else int(np.flatnonzero(mask)[0])
+        if not probe.advance(token) or probe.complete:
+            return produced + 1
+    return limit
+
+
 class AnswerConstraint:
     """One request's phase (thinking / answer) and grammar state; see the module docstring."""
 

@@ -37,7 +37,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from constrained import AnswerConstraint, Grammars, closing_scores
+from constrained import AnswerConstraint, Grammars, closing_scores, shortest_answer
 
 # Tensor names expected in config.pbtxt (checked against the parsed config in initialize()).
 INPUT_ROLES = ("prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "json_schema")
@@ -232,6 +232,7 @@ class TritonPythonModel:
         self._grammars = Grammars(self.tokenizer, self._vocab_limit)
         self._closing_scores = None
         self._closing_lock = threading.Lock()
+        self._shortest: dict[str, int] = {}  # schema text -> tokens of its shortest answer (closing margin)
 
         self._default_max_tokens = int(self._params.get("default_max_tokens") or 512)
         self._default_temperature = float(self._params.get("default_temperature") or 0.6)
@@ -402,10 +403,14 @@ class TritonPythonModel:
             with self._closing_lock:
                 if self._closing_scores is None:
                     self._closing_scores = closing_scores(self._token_bytes, self._vocab_limit)
+        shortest = self._shortest.get(schema_text)
+        if shortest is None:
+            shortest = shortest_answer(self._grammars.matcher(schema_text), self._closing_scores, self._token_bytes)
+            self._shortest[schema_text] = shortest
         return AnswerConstraint(self._grammars.matcher(schema_text), think_close_ids=self._think_close_ids,
-                                max_tokens=max_tokens, answer_reserve=self._answer_reserve,
-                                close_margin=self._close_margin, closing_scores=self._closing_scores,
-                                token_bytes=self._token_bytes)
+                                max_tokens=max_tokens, answer_reserve=max(self._answer_reserve, 2 * shortest),
+                                close_margin=max(self._close_margin, shortest + 16),
+                                closing_scores=self._closing_scores, token_bytes=self._token_bytes)
 
     def _encode(self, user_prompt: str) -> list[int]:
         """Chat template with the user turn only (DeepSeek: no system prompt), opened inside a think block."""

@@ -15,6 +15,7 @@ writes plans that pass :func:`grym_synth.planning.validation.validate_plan`:
   with them the step types that cannot do without them: only :data:`DECODED_STEP_TYPES` remain;
 * ``duration_s`` at the top is left out when the schema has ``sections`` (its default is their sum, so they
   always agree), and such plans describe the piece by their sections (``steps`` stays empty);
+* step ids are fixed by position (``step-1``, ``step-2``, ...: ``prefixItems``), so they are always unique;
 * strings and arrays get caps (:data:`STRING_CAP`, :data:`ARRAY_CAP`) so that an answer fits a token budget.
 """
 
@@ -38,6 +39,8 @@ REFERENCE_PROPERTIES = ("inputs", "depends_on", "output")
 DECODED_STEP_TYPES = ("generate",)
 # Top-level values the orchestrator derives from others when absent (the piece's length from its sections).
 DERIVED_PROPERTIES = ("duration_s",)
+# Step ids of a constrained answer, by position: step-1, step-2, ...
+STEP_ID_PREFIX = "step-"
 _DROP = ("$schema", "$id", "title", "description")
 
 
@@ -59,6 +62,9 @@ def answer_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     defs = out.get("$defs", {})
     if "step" in defs:
         defs["step"] = _decoded_steps(defs["step"])
+        steps = out["properties"].get("steps", {})
+        if steps.get("maxItems", ARRAY_CAP) > 0:
+            out["properties"]["steps"] = _numbered_steps(steps, defs["step"])
     return out
 
 
@@ -172,6 +178,19 @@ def _decoded_steps(step: Mapping[str, Any]) -> dict[str, Any]:
         variant["required"] = [r for r in variant.get("required", []) if r in variant.get("properties", {})]
         kept.append(variant)
     return kept[0] if len(kept) == 1 else {"anyOf": kept}
+
+
+def _numbered_steps(steps: Mapping[str, Any], step: Mapping[str, Any]) -> dict[str, Any]:
+    """The steps array with the id of each position fixed (``step-<n>``): unique ids by construction."""
+    count = int(steps.get("maxItems", ARRAY_CAP))
+    positions = []
+    for n in range(1, count + 1):
+        variants = copy.deepcopy(list(step.get("anyOf", [step])))
+        for variant in variants:
+            variant.setdefault("properties", {})["id"] = {"const": f"{STEP_ID_PREFIX}{n}"}
+        positions.append(variants[0] if len(variants) == 1 else {"anyOf": variants})
+    out = {k: v for k, v in steps.items() if k != "items"}
+    return {**out, "prefixItems": positions, "items": False}
 
 
 def _ordered(props: Mapping[str, Any], first: tuple[str, ...]) -> dict[str, Any]:
