@@ -90,8 +90,9 @@ async def test_small_budgets_still_close_the_json(client, max_tokens) -> None:
 
 async def test_a_budget_too_small_for_any_plan_falls_back_with_a_reason(client) -> None:
     backend = TritonCoordinatorBackend(client, token_timeout_s=30, json_schema=plan_answer_schema())
-    events = await _events(backend, compose_prompt(REQUESTS[0], []), max_tokens=4, temperature=0.6, seed=1)
+    events = await _events(backend, compose_prompt(REQUESTS[0], []), max_tokens=24, temperature=0.6, seed=1)
     assert events[-1].finish_reason == "length"
+    assert {e.kind for e in events if e.text} == {"thinking"}  # no reserve for an answer that cannot fit
     plan = choose_plan(_answer(events), REQUESTS[0], [], RuleBasedPlanner())
     assert plan.planner == "rules" and plan.fallback_reason == "no JSON in the answer"
 

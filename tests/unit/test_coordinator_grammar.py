@@ -65,6 +65,11 @@ def test_derived_from_the_published_schema_without_what_a_grammar_cannot_hold() 
                                     .read_text())  # the source was not modified in place
 
 
+def test_engine_settings_are_left_to_the_orchestrator() -> None:
+    params = plan_answer_schema()["$defs"]["generate_params"]
+    assert set(params["properties"]) == {"prompt", "duration_s"} and params["required"] == ["prompt"]
+
+
 def test_only_reference_free_step_types_remain() -> None:
     step = plan_answer_schema()["$defs"]["step"]
     variants = step.get("anyOf", [step])
@@ -118,10 +123,6 @@ def _answers(draw) -> dict:
         params = {"prompt": draw(_PRINTABLE)}
         if draw(st.booleans()):
             params["duration_s"] = draw(st.floats(gen["duration_s"]["minimum"], gen["duration_s"]["maximum"]))
-        if draw(st.booleans()):
-            params["steps"] = draw(st.integers(gen["steps"]["minimum"], gen["steps"]["maximum"]))
-        if draw(st.booleans()):
-            params["scheduler"] = draw(st.sampled_from(gen["scheduler"]["enum"]))
         steps.append({"id": f"step-{i + 1}", "type": "generate", "params": params})
     return {"version": 1, "intent": draw(_PRINTABLE), "steps": steps}
 

@@ -407,8 +407,11 @@ class TritonPythonModel:
         if shortest is None:
             shortest = shortest_answer(self._grammars.matcher(schema_text), self._closing_scores, self._token_bytes)
             self._shortest[schema_text] = shortest
+        # A budget that cannot hold even the shortest answer keeps no reserve: the model reasons until max_tokens and
+        # the caller falls back ("no JSON in the answer") rather than receiving a JSON fragment.
+        reserve = max(self._answer_reserve, 2 * shortest) if max_tokens > shortest else 0
         return AnswerConstraint(self._grammars.matcher(schema_text), think_close_ids=self._think_close_ids,
-                                max_tokens=max_tokens, answer_reserve=max(self._answer_reserve, 2 * shortest),
+                                max_tokens=max_tokens, answer_reserve=reserve,
                                 close_margin=max(self._close_margin, shortest + 16),
                                 closing_scores=self._closing_scores, token_bytes=self._token_bytes)
 

@@ -15,6 +15,8 @@ writes plans that pass :func:`grym_synth.planning.validation.validate_plan`:
   with them the step types that cannot do without them: only :data:`DECODED_STEP_TYPES` remain;
 * ``duration_s`` at the top is left out when the schema has ``sections`` (its default is their sum, so they
   always agree), and such plans describe the piece by their sections (``steps`` stays empty);
+* engine settings (denoising steps, guidance, seed, scheduler, model, negative prompt) are left to the
+  orchestrator's defaults: an answer describes the music (prompts, lengths, intensity);
 * step ids are fixed by position (``step-1``, ``step-2``, ...: ``prefixItems``), so they are always unique;
 * strings and arrays get caps (:data:`STRING_CAP`, :data:`ARRAY_CAP`) so that an answer fits a token budget.
 """
@@ -37,6 +39,9 @@ ARRAY_CAP = 8
 REFERENCE_PROPERTIES = ("inputs", "depends_on", "output")
 # Step types whose plans stay valid without references (analyze/store need an input, vary/recall a stored pattern).
 DECODED_STEP_TYPES = ("generate",)
+# Engine settings that the orchestrator sets better than a planner (defaults: 25 denoising steps, guidance 2.5, a seed
+# derived from the plan): left out of answers, which then describe only the music (prompts, lengths, intensity).
+ENGINE_PARAMS = ("steps", "guidance_scale", "seed", "scheduler", "model", "negative_prompt")
 # Top-level values the orchestrator derives from others when absent (the piece's length from its sections).
 DERIVED_PROPERTIES = ("duration_s",)
 # Step ids of a constrained answer, by position: step-1, step-2, ...
@@ -60,6 +65,9 @@ def answer_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     out["properties"] = _ordered(props, ("version", "intent", "sections", "steps"))
     out["additionalProperties"] = False
     defs = out.get("$defs", {})
+    for name, spec in defs.items():
+        if name.endswith("_params") or name == "section":
+            _drop_properties(spec, ENGINE_PARAMS)
     if "step" in defs:
         defs["step"] = _decoded_steps(defs["step"])
         steps = out["properties"].get("steps", {})
@@ -178,6 +186,13 @@ def _decoded_steps(step: Mapping[str, Any]) -> dict[str, Any]:
         variant["required"] = [r for r in variant.get("required", []) if r in variant.get("properties", {})]
         kept.append(variant)
     return kept[0] if len(kept) == 1 else {"anyOf": kept}
+
+
+def _drop_properties(spec: dict[str, Any], names: tuple[str, ...]) -> None:
+    props = spec.get("properties", {})
+    for name in names:
+        if name not in spec.get("required", []):
+            props.pop(name, None)
 
 
 def _numbered_steps(steps: Mapping[str, Any], step: Mapping[str, Any]) -> dict[str, Any]:
