@@ -37,7 +37,7 @@ def coord_triton(tmp_path_factory):
 
 
 @pytest.fixture
-async def client(coord_triton):
+async def triton_client(coord_triton):
     triton = TritonClient(coord_triton.grpc_url, headers=coord_triton.auth_headers or None)
     yield triton
     await triton.close()
@@ -53,8 +53,8 @@ def _answer(events) -> str:
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-async def test_seeded_weights_write_plans_the_server_takes_from_the_coordinator(client, seed) -> None:
-    backend = TritonCoordinatorBackend(client, token_timeout_s=30, json_schema=plan_answer_schema())
+async def test_seeded_weights_write_plans_the_server_takes_from_the_coordinator(triton_client, seed) -> None:
+    backend = TritonCoordinatorBackend(triton_client, token_timeout_s=30, json_schema=plan_answer_schema())
     for i, request in enumerate(REQUESTS):
         events = await _events(backend, compose_prompt(request, []), max_tokens=512, temperature=0.6, top_p=0.95,
                                seed=seed * 100 + i)
@@ -65,8 +65,8 @@ async def test_seeded_weights_write_plans_the_server_takes_from_the_coordinator(
         assert events[-1].finish_reason == "stop"
 
 
-async def test_the_stream_reasons_first_then_answers(client) -> None:
-    backend = TritonCoordinatorBackend(client, token_timeout_s=30, json_schema=plan_answer_schema())
+async def test_the_stream_reasons_first_then_answers(triton_client) -> None:
+    backend = TritonCoordinatorBackend(triton_client, token_timeout_s=30, json_schema=plan_answer_schema())
     events = await _events(backend, compose_prompt(REQUESTS[0], []), max_tokens=400, temperature=0.6, seed=3)
     kinds = [e.kind for e in events if e.text]
     assert kinds[0] == "thinking" and kinds[-1] == "answer"
@@ -78,8 +78,8 @@ async def test_the_stream_reasons_first_then_answers(client) -> None:
 
 
 @pytest.mark.parametrize("max_tokens", [80, 120, 200])
-async def test_small_budgets_still_close_the_json(client, max_tokens) -> None:
-    backend = TritonCoordinatorBackend(client, token_timeout_s=30, json_schema=plan_answer_schema())
+async def test_small_budgets_still_close_the_json(triton_client, max_tokens) -> None:
+    backend = TritonCoordinatorBackend(triton_client, token_timeout_s=30, json_schema=plan_answer_schema())
     for seed in range(3):
         events = await _events(backend, compose_prompt(REQUESTS[1], []), max_tokens=max_tokens, temperature=0.6,
                                seed=seed)
@@ -88,8 +88,8 @@ async def test_small_budgets_still_close_the_json(client, max_tokens) -> None:
         assert events[-1].token_index < max_tokens
 
 
-async def test_a_budget_too_small_for_any_plan_falls_back_with_a_reason(client) -> None:
-    backend = TritonCoordinatorBackend(client, token_timeout_s=30, json_schema=plan_answer_schema())
+async def test_a_budget_too_small_for_any_plan_falls_back_with_a_reason(triton_client) -> None:
+    backend = TritonCoordinatorBackend(triton_client, token_timeout_s=30, json_schema=plan_answer_schema())
     events = await _events(backend, compose_prompt(REQUESTS[0], []), max_tokens=24, temperature=0.6, seed=1)
     assert events[-1].finish_reason == "length"
     assert {e.kind for e in events if e.text} == {"thinking"}  # no reserve for an answer that cannot fit
@@ -97,15 +97,15 @@ async def test_a_budget_too_small_for_any_plan_falls_back_with_a_reason(client) 
     assert plan.planner == "rules" and plan.fallback_reason == "no JSON in the answer"
 
 
-async def test_without_a_schema_the_answer_is_free_text(client) -> None:
-    backend = TritonCoordinatorBackend(client, token_timeout_s=30)
+async def test_without_a_schema_the_answer_is_free_text(triton_client) -> None:
+    backend = TritonCoordinatorBackend(triton_client, token_timeout_s=30)
     events = await _events(backend, "hello", max_tokens=300, temperature=1.0, seed=2)
     with pytest.raises(json.JSONDecodeError):
         json.loads(_answer(events) or "not json")
 
 
-async def test_a_schema_that_cannot_compile_is_an_invalid_request(client) -> None:
-    backend = TritonCoordinatorBackend(client, token_timeout_s=30,
+async def test_a_schema_that_cannot_compile_is_an_invalid_request(triton_client) -> None:
+    backend = TritonCoordinatorBackend(triton_client, token_timeout_s=30,
                                        json_schema={"type": "object", "properties": {"a": {"$ref": "#/nope"}}})
     with pytest.raises(CoordinatorRequestError, match="json_schema cannot be used"):
         await _events(backend, "x", max_tokens=5)
@@ -146,3 +146,25 @@ async def test_openai_backend_asks_for_the_plan_schema_as_structured_output() ->
     assert fmt["type"] == "json_schema" and fmt["json_schema"]["schema"] == plan_answer_schema()
     assert fmt["json_schema"]["strict"] is True
     assert choose_plan(_answer(events), "calm piano", [], RuleBasedPlanner()).planner == "coordinator"
+
+
+@pytest.mark.parametrize("request_text", ["3 second calm piano", "a dark drone with rain, 20 seconds, slow build",
+                                          "energetic drums"])
+def test_compose_on_the_real_server_takes_the_seeded_coordinators_plan(client, request_text) -> None:
+    """Acceptance, through the public API: the shared orchestrator's Triton coordinator (seeded weights, default
+    token budget) streams its reasoning, then an answer whose plan the server takes (PLANNER_COORDINATOR). The
+    stream is left once the plan is known: the plan's audio is not what this checks."""
+    from grym.v1 import orchestrator_pb2 as pb
+
+    kinds = []
+    for event in client.compose(request_text, seed=7):
+        kind = event.WhichOneof("event")
+        if kind == "token":
+            kinds.append(event.token.kind)
+        elif kind == "plan":
+            plan = event.plan
+            break
+    assert plan.planner == pb.ComposePlan.PLANNER_COORDINATOR and not plan.fallback_reason, plan.fallback_reason
+    assert kinds[0] == pb.CoordinatorToken.KIND_THINKING and kinds[-1] == pb.CoordinatorToken.KIND_ANSWER
+    data = json.loads(plan.plan_json)
+    assert data["steps"] and all(s["type"] == "generate" for s in data["steps"])
