@@ -3,7 +3,7 @@ tritonserver: it answers a musical fact as transformers does in-process, and wri
 server takes from the coordinator.
 
 SLOW, opt-in: exporting (GGUF dequantisation and tokenizer conversion, 45-110 s on 2 shared cores), loading and a
-~60-token plan at 1-5 tokens/s take 3-5 minutes, so this module runs only with GRYM_TEST_SMOLLM2=1:
+~60-token plan at 2-5 tokens/s took 126 s here (77 s of it export and start), so it runs only with GRYM_TEST_SMOLLM2=1:
 
     GRYM_TEST_SMOLLM2=1 .venv/bin/python -m pytest -p no:cacheprovider -q -W ignore \
         tests/integration/test_coordinator_smollm2.py
@@ -28,7 +28,7 @@ from grym_synth.planning.choose import choose_plan
 from grym_synth.planning.rules import RuleBasedPlanner
 
 pytestmark = pytest.mark.skipif(os.environ.get("GRYM_TEST_SMOLLM2") != "1",
-                                reason="slow (3-5 min): set GRYM_TEST_SMOLLM2=1")
+                                reason="slow (about 2-4 min): set GRYM_TEST_SMOLLM2=1")
 pytest.importorskip("gguf")
 QUESTION = "Which instrument has 88 keys? Answer in one sentence."
 
