@@ -97,6 +97,8 @@ def test_sectioned_schema_keeps_sections_and_drops_the_derived_total() -> None:
     assert out["properties"]["steps"] == {"type": "array", "maxItems": 0}
     assert "sections" in out["required"] and "duration_s" not in out["properties"]
     assert out["$defs"]["section"]["properties"]["prompt"]["maxLength"] == STRING_CAP
+    # the sum of the sections (the piece's length) stays within the top-level limit
+    assert out["$defs"]["section"]["properties"]["duration_s"]["maximum"] * ARRAY_CAP == 600
     before = copy.deepcopy(SECTIONED)
     answer_schema(SECTIONED)
     assert SECTIONED == before

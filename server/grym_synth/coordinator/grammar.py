@@ -14,7 +14,8 @@ writes plans that pass :func:`grym_synth.planning.validation.validate_plan`:
 * properties that name other steps (``inputs``, ``depends_on``, ``output``) are left out (they have defaults), and
   with them the step types that cannot do without them: only :data:`DECODED_STEP_TYPES` remain;
 * ``duration_s`` at the top is left out when the schema has ``sections`` (its default is their sum, so they
-  always agree), and such plans describe the piece by their sections (``steps`` stays empty);
+  always agree; each section is capped at the piece's limit divided by the most sections, so the sum stays within
+  it), and such plans describe the piece by their sections (``steps`` stays empty);
 * engine settings (denoising steps, guidance, seed, scheduler, model, negative prompt) are left to the
   orchestrator's defaults: an answer describes the music (prompts, lengths, intensity);
 * step ids are fixed by position (``step-1``, ``step-2``, ...: ``prefixItems``), so they are always unique;
@@ -56,6 +57,7 @@ def answer_schema(schema: Mapping[str, Any]) -> dict[str, Any]:
     for name in REFERENCE_PROPERTIES:
         props.pop(name, None)
     if "sections" in props:
+        _cap_section_lengths(out)
         for name in DERIVED_PROPERTIES:
             props.pop(name, None)
         props["steps"] = {"type": "array", "maxItems": 0}
@@ -186,6 +188,17 @@ def _decoded_steps(step: Mapping[str, Any]) -> dict[str, Any]:
         variant["required"] = [r for r in variant.get("required", []) if r in variant.get("properties", {})]
         kept.append(variant)
     return kept[0] if len(kept) == 1 else {"anyOf": kept}
+
+
+def _cap_section_lengths(out: dict[str, Any]) -> None:
+    """Each section at most (the piece's longest) / (most sections), so that their sum, the piece's length, is
+    always within the piece's limit (a grammar cannot bound a sum; it can bound each term)."""
+    total = (out["properties"].get("duration_s") or {}).get("maximum")
+    section = out.get("$defs", {}).get("section", {}).get("properties", {}).get("duration_s")
+    count = out["properties"]["sections"].get("maxItems", ARRAY_CAP)
+    if total is None or not isinstance(section, dict) or not count:
+        return
+    section["maximum"] = min(float(section.get("maximum", total)), float(total) / int(count))
 
 
 def _drop_properties(spec: dict[str, Any], names: tuple[str, ...]) -> None:
