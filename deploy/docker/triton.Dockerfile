@@ -22,7 +22,7 @@ RUN apt-get update \
 # The image's python is the system interpreter; this image is single-purpose, so install into it.
 ENV PIP_BREAK_SYSTEM_PACKAGES=1 PIP_NO_CACHE_DIR=1
 RUN pip install "numpy>=1.26,<2" "torch==2.13.0" "transformers>=5.0" "diffusers>=0.42" "tokenizers>=0.22" \
-      "onnxruntime-gpu>=1.20"
+      "onnxruntime-gpu>=1.20" "llguidance>=1.9,<2"
 
 # Our Python-based backends (model_repository/backends/<name>/), where Triton looks for backend: "<name>":
 # /opt/tritonserver/backends/<name>/model.py. The build context is the repository root.

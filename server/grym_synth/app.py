@@ -25,6 +25,7 @@ from grym_synth.core.audio import TARGET_RATE_HZ
 from grym_synth.inference.export.repository import DEFAULT_MODELS, build_repository
 from grym_synth.inference.export.wav2vec2 import MIN_SAMPLES
 from grym_synth.compose.service import ComposeService
+from grym_synth.coordinator.grammar import plan_answer_schema
 from grym_synth.coordinator.base import CoordinatorBackend
 from grym_synth.coordinator.openai_backend import OpenAICoordinatorBackend
 from grym_synth.coordinator.triton_backend import TritonCoordinatorBackend
@@ -301,12 +302,14 @@ class App:
         s = self.settings
         if s.coordinator_backend == "none":
             return None
+        schema = plan_answer_schema() if s.coordinator_constrained else None
         if s.coordinator_backend == "openai":
             return OpenAICoordinatorBackend(str(s.coordinator_openai_url), s.coordinator_openai_model,
-                                            s.coordinator_api_key, token_timeout_s=s.coordinator_token_timeout_s)
+                                            s.coordinator_api_key, token_timeout_s=s.coordinator_token_timeout_s,
+                                            json_schema=schema)
         # Through the app's TritonClient (the one path to Triton): its breaker, error mapping and secret header.
         return TritonCoordinatorBackend(triton, s.coordinator_model, protocol=s.coordinator_triton_protocol,
-                                        token_timeout_s=s.coordinator_token_timeout_s)
+                                        token_timeout_s=s.coordinator_token_timeout_s, json_schema=schema)
 
     async def _generation_ready(self) -> bool:
         """Generation is optional: a deployment without AudioLDM still serves analysis (Generate answers

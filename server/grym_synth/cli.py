@@ -21,7 +21,8 @@ from grym_synth.settings import Settings
 
 log = logging.getLogger("grym_synth")
 
-EXPORT_FIELDS = ("data_dir", "profile", "weights_dir", "audioldm_weights_dir", "coordinator_checkpoint", "seed")
+EXPORT_FIELDS = ("data_dir", "profile", "weights_dir", "audioldm_weights_dir", "coordinator_checkpoint",
+                 "coordinator_llm", "seed")
 
 
 def _flag_kwargs(annotation: Any) -> dict[str, Any]:

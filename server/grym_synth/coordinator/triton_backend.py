@@ -19,7 +19,7 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -61,8 +61,13 @@ class TritonCoordinatorBackend:
         protocol: Literal["grym", "vllm"] = "grym",
         token_timeout_s: float = DEFAULT_TOKEN_TIMEOUT_S,
         start_in_thinking: bool = True,
+        json_schema: Mapping[str, Any] | None = None,
     ) -> None:
         self.triton = triton
+        # The answer's JSON schema (grym_synth.coordinator.grammar.plan_answer_schema for Compose), sent with every
+        # request: our model constrains the answer with llguidance, the vLLM backend with guided decoding.
+        self.json_schema = json_schema
+        self._schema_text = json.dumps(json_schema) if json_schema is not None else None
         self.model_name = model_name
         self.protocol = protocol
         self.token_timeout_s = token_timeout_s
@@ -87,6 +92,10 @@ class TritonCoordinatorBackend:
                 }.items()
                 if v is not None
             }
+            if self.json_schema is not None:
+                # Triton's vLLM backend maps this to vLLM's StructuredOutputsParams(json=...); with the engine's
+                # reasoning parser (vllm_model.json) the constraint starts after </think>.
+                sampling["guided_decoding"] = {"json": self.json_schema}
             inputs = {
                 "text_input": np.array([render_chat_prompt(prompt).encode()], dtype=np.object_),
                 "stream": np.array([True]),
@@ -106,6 +115,8 @@ class TritonCoordinatorBackend:
             inputs["seed"] = np.array([seed], dtype=np.int64)
         if stop:
             inputs["stop"] = np.array([s.encode("utf-8") for s in stop], dtype=np.object_)
+        if self._schema_text is not None:
+            inputs["json_schema"] = np.array([self._schema_text.encode("utf-8")], dtype=np.object_)
         return inputs, ["text", "token_id", "finish_reason"]
 
     def _map_error(self, err: GrymError, clock: Clock) -> CoordinatorError:

