@@ -34,6 +34,8 @@ import numpy as np
 
 from grym_synth.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from grym_synth.core.resilience import AsyncBreaker
+from grym_synth.memory.music_index import (MUSIC_SCALARS, MUSIC_SUFFIX, MusicFields, MusicQuery, create_music_collection,
+                                           text_score)
 
 if TYPE_CHECKING:
     from grym_synth.memory.recall_index import RecallIndex
@@ -80,6 +82,7 @@ class PatternRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     embedding: list[float] | None = None
     score: float | None = None
+    music: MusicFields | None = None  # the music descriptors (and trained embedding when asked); None: never analysed
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "PatternRecord":
@@ -199,14 +202,17 @@ class PatternStore:
 
     def __init__(self, uri: str, *, dim: int, model: str, profile: str, collection_prefix: str = "grym_patterns",
                  token: str | None = None, breaker: AsyncBreaker | None = None,
-                 recall_index: RecallIndex | None = None) -> None:
+                 recall_index: RecallIndex | None = None, music_dim: int = 0) -> None:
         self.uri = uri
+        # The trained tagger's embedding size; 0: no music models, no companion collection (memory/music_index.py).
+        self.music_dim = music_dim
         self.token = token
         self.dim = dim
         self.model = model
         self.profile = profile
         self.collection_prefix = collection_prefix.replace("-", "_")
         self.collection = f"{collection_prefix}_{model}_{profile}".replace("-", "_")
+        self.music_collection = self.collection + MUSIC_SUFFIX
         self._client: Any = None
         self._lock = threading.Lock()  # milvus-lite's local engine is not safe for concurrent writers
         self.ready = False
@@ -250,6 +256,7 @@ class PatternStore:
             else:
                 self._check_dimension()
             self._client.load_collection(self.collection)
+            self._open_music()
             count = self.count_sync()
         except (PatternStoreError, InvalidArgument):
             raise
@@ -333,16 +340,27 @@ class PatternStore:
         index.add_index(field_name="embedding", index_type="FLAT", metric_type="COSINE")
         self._client.create_collection(self.collection, schema=schema, index_params=index)
 
-    def _check_dimension(self) -> None:
-        desc = self._client.describe_collection(self.collection)
+    def _check_dimension(self, collection: str | None = None, expected: int | None = None) -> None:
+        collection, expected = collection or self.collection, expected or self.dim
+        desc = self._client.describe_collection(collection)
         for f in desc.get("fields", []):
             if f.get("name") == "embedding":
-                dim = int(f.get("params", {}).get("dim", self.dim))
-                if dim != self.dim:
+                dim = int(f.get("params", {}).get("dim", expected))
+                if dim != expected:
                     raise PatternStoreError(
-                        f"collection {self.collection} holds {dim}-dimensional embeddings but the served model "
-                        f"produces {self.dim}; use another --collection-prefix or data dir"
+                        f"collection {collection} holds {dim}-dimensional embeddings but the served model "
+                        f"produces {expected}; use another --collection-prefix or data dir"
                     )
+
+    def _open_music(self) -> None:
+        """The companion collection of music descriptors (created beside an existing store: nothing migrates)."""
+        if not self.music_dim:
+            return
+        if not self._client.has_collection(self.music_collection):
+            create_music_collection(self._client, self.music_collection, self.music_dim)
+        else:
+            self._check_dimension(self.music_collection, self.music_dim)
+        self._client.load_collection(self.music_collection)
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -394,7 +412,7 @@ class PatternStore:
 
     # --- operations ---------------------------------------------------------------------------------------------
     async def insert(self, embedding: Sequence[float], *, duration_s: float, tags: Mapping[str, str], source: str,
-                     metadata: Mapping[str, str] | None = None) -> PatternRecord:
+                     metadata: Mapping[str, str] | None = None, music: MusicFields | None = None) -> PatternRecord:
         vector = self.check_vector(embedding)
         tags = validate_tags(tags)
         meta = dict(metadata or {})
@@ -407,6 +425,8 @@ class PatternStore:
         row = {**{k: getattr(record, k) for k in ("id", "model", "profile", "duration_s", "tags", "created_at_us",
                                                    "source", "metadata")}, "embedding": vector}
         await self._run(lambda: self._client.insert(self.collection, [row]))
+        if music is not None and self.music_dim:
+            await self._insert_music(record, music)
         if self.recall_index is not None:
             self.recall_index.add(record)
         return record
@@ -417,7 +437,9 @@ class PatternStore:
         rows = await self._run(lambda: self._client.get(self.collection, ids=[pattern_id], output_fields=fields))
         if not rows:
             raise NotFound(f"pattern {pattern_id!r} does not exist")
-        return PatternRecord.from_row(rows[0])
+        record = PatternRecord.from_row(rows[0])
+        await self._attach_music([record], include_embedding=include_embedding)
+        return record
 
     async def delete(self, pattern_id: str) -> None:
         check_pattern_id(pattern_id)
@@ -426,6 +448,8 @@ class PatternStore:
             if not self._client.get(self.collection, ids=[pattern_id], output_fields=["id"]):
                 return False
             self._client.delete(self.collection, ids=[pattern_id])
+            if self.music_dim:
+                self._client.delete(self.music_collection, ids=[pattern_id])
             return True
 
         if not await self._run(op):
@@ -434,13 +458,20 @@ class PatternStore:
             self.recall_index.remove(pattern_id)
 
     async def search(self, vector: Sequence[float], *, top_k: int, tag_filter: Mapping[str, str] | None = None,
-                     exclude_id: str | None = None, include_embedding: bool = False) -> list[PatternRecord]:
+                     exclude_id: str | None = None, include_embedding: bool = False,
+                     music: MusicQuery | None = None) -> list[PatternRecord]:
+        """Nearest patterns in the Wav2Vec2 space; ``music`` restricts them to patterns whose descriptors pass."""
         vec = self.check_vector(vector)
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
         clauses = [tag_filter_expr(tag_filter)] if tag_filter else []
         if exclude_id:
             clauses.append(f"id != {quote(check_pattern_id(exclude_id, 'exclude_id'))}")
+        if music:
+            ids = await self._music_ids(music.expr())
+            if not ids:
+                return []
+            clauses.append(_id_in(ids))
         expr = " and ".join(clauses)
         rows = await self._run(lambda: self._client.search(
             self.collection, data=[vec], limit=top_k, filter=expr, output_fields=SCALAR_FIELDS,
@@ -451,7 +482,112 @@ class PatternStore:
             full = {p.id: p for p in await self.get_many([p.id for p in found], include_embedding=True)}
             for p in found:
                 p.embedding = full[p.id].embedding if p.id in full else None
+                p.music = full[p.id].music if p.id in full else None
+        else:
+            await self._attach_music(found)
         return found
+
+    # --- music (the companion collection; see memory/music_index.py) ------------------------------------------------
+    def check_music_vector(self, vector: Sequence[float], what: str = "embedding") -> list[float]:
+        if not self.music_dim:
+            raise InvalidArgument("the music space is not available: the server runs without the music models")
+        if len(vector) != self.music_dim:
+            raise InvalidArgument(f"{what} has {len(vector)} dimensions; the music space uses {self.music_dim}")
+        arr = np.asarray(vector, dtype=np.float32)
+        if not np.isfinite(arr).all() or not np.any(arr):
+            raise InvalidArgument(f"{what} contains NaN or infinite values, or is all zeros")
+        return arr.tolist()
+
+    async def _insert_music(self, record: PatternRecord, music: MusicFields) -> None:
+        """The descriptors after the pattern: a failure here removes the pattern again, so a pattern is stored
+        with its descriptors or not at all."""
+        row = music.row(record.id, self.music_dim)
+        try:
+            await self._run(lambda: self._client.insert(self.music_collection, [row]))
+        except BaseException:
+            await self._run(lambda: self._client.delete(self.collection, ids=[record.id]))
+            raise
+        record.music = music
+
+    async def _attach_music(self, records: Sequence[PatternRecord], *, include_embedding: bool = False) -> None:
+        if not self.music_dim or not records:
+            return
+        fields = MUSIC_SCALARS + (["embedding"] if include_embedding else [])
+        ids = [r.id for r in records]
+        rows = await self._run(lambda: self._client.get(self.music_collection, ids=ids, output_fields=fields))
+        by_id = {str(r["id"]): MusicFields.from_row(r) for r in rows}
+        for r in records:
+            r.music = by_id.get(r.id)
+
+    async def _music_ids(self, expr: str) -> list[str]:
+        if not self.music_dim:
+            return []
+        return [str(r["id"]) for r in await self._run(lambda: self._iterate_in(self.music_collection, expr, ["id"]))]
+
+    async def search_music(self, vector: Sequence[float], *, top_k: int, tag_filter: Mapping[str, str] | None = None,
+                           exclude_id: str | None = None, include_embedding: bool = False,
+                           music: MusicQuery | None = None) -> list[PatternRecord]:
+        """Nearest patterns by the trained tagger's embedding ("sounds similar")."""
+        vec = self.check_music_vector(vector)
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
+        clauses = ["has_embedding == true"] + ([music.expr()] if music else [])
+        if exclude_id:
+            clauses.append(f"id != {quote(check_pattern_id(exclude_id, 'exclude_id'))}")
+        if tag_filter:
+            expr = tag_filter_expr(tag_filter)
+            ids = [str(r["id"]) for r in await self._run(lambda: self._iterate(expr, ["id"]))]
+            if not ids:
+                return []
+            clauses.append(_id_in(ids))
+        expr = " and ".join(c for c in clauses if c)
+        rows = await self._run(lambda: self._client.search(
+            self.music_collection, data=[vec], limit=top_k, filter=expr, output_fields=["id"],
+            search_params={"metric_type": "COSINE"}))
+        hits = [(str(r.get("entity", r)["id"]), float(r["distance"])) for r in (rows[0] if rows else [])]
+        return await self._ranked([(i, d) for i, d in hits], include_embedding)
+
+    async def search_text(self, labels: Sequence[str], *, top_k: int, tag_filter: Mapping[str, str] | None = None,
+                          music: MusicQuery | None = None, include_embedding: bool = False) -> list[PatternRecord]:
+        """Patterns whose top tags name any of ``labels``, ranked by the mean tagger score of the labels (the
+        match's score, in [0, 1])."""
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
+        if not self.music_dim:
+            raise InvalidArgument("text search needs the music models, which this server does not run")
+        any_label = f"array_contains_any(music_tags, [{', '.join(quote(lb) for lb in labels)}])"
+        expr = " and ".join([any_label] + ([music.expr()] if music else []))
+        rows = await self._run(lambda: self._iterate_in(self.music_collection, expr, MUSIC_SCALARS))
+        scored = sorted(((text_score(MusicFields.from_row(r), labels), str(r["id"])) for r in rows),
+                        key=lambda x: (-x[0], x[1]))
+        if tag_filter:
+            expr = tag_filter_expr(tag_filter)
+            allowed = {str(r["id"]) for r in await self._run(lambda: self._iterate(expr, ["id"]))}
+            scored = [x for x in scored if x[1] in allowed]
+        return await self._ranked([(i, s) for s, i in scored[:top_k]], include_embedding)
+
+    async def _ranked(self, hits: Sequence[tuple[str, float]], include_embedding: bool) -> list[PatternRecord]:
+        """Records in ``hits`` order with their scores (ids the patterns collection no longer has are dropped)."""
+        if not hits:
+            return []
+        records = {p.id: p for p in await self.get_many([i for i, _ in hits], include_embedding=include_embedding)}
+        await self._attach_music(list(records.values()), include_embedding=include_embedding)
+        out = []
+        for pattern_id, score in hits:
+            if pattern_id in records:
+                records[pattern_id].score = score
+                out.append(records[pattern_id])
+        return out
+
+    def _iterate_in(self, collection: str, expr: str, fields: list[str]) -> list[dict[str, Any]]:
+        it = self._client.query_iterator(collection, batch_size=4096, filter=expr, output_fields=fields)
+        out: list[dict[str, Any]] = []
+        try:
+            while batch := it.next():
+                out.extend(batch)
+        finally:
+            it.close()
+        return out
 
     async def get_many(self, ids: Sequence[str], *, include_embedding: bool = False) -> list[PatternRecord]:
         if not ids:
@@ -462,19 +598,28 @@ class PatternStore:
         return await self._run(lambda: _records(self._client.get(self.collection, ids=list(ids),
                                                                  output_fields=fields)))
 
-    async def list(self, *, page_size: int, page_token: str = "",
-                   tag_filter: Mapping[str, str] | None = None) -> tuple[list[PatternRecord], str]:
+    async def list(self, *, page_size: int, page_token: str = "", tag_filter: Mapping[str, str] | None = None,
+                   music: MusicQuery | None = None) -> tuple[list[PatternRecord], str]:
         """Newest first. Milvus has no ORDER BY, so ids and timestamps of the matching rows are sorted here;
         that is O(matching rows) of two scalar columns per page, fine for a single host's pattern memory."""
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
         expr = tag_filter_expr(tag_filter) if tag_filter else ""
+        if music:
+            expr = " and ".join(filter(None, [expr, f"music:{music.expr()}"]))  # the token's filter identity
         offset = _decode_page_token(page_token, expr) if page_token else 0
-        keys = await self._run(lambda: self._all_keys(expr))
+        main_expr = tag_filter_expr(tag_filter) if tag_filter else ""
+        if music:
+            ids = await self._music_ids(music.expr())
+            if not ids:
+                return [], ""
+            main_expr = " and ".join(filter(None, [main_expr, _id_in(ids)]))
+        keys = await self._run(lambda: self._all_keys(main_expr))
         keys.sort(key=lambda r: (-int(r["created_at_us"]), str(r["id"])))
         page_ids = [str(r["id"]) for r in keys[offset: offset + page_size]]
         records = {p.id: p for p in await self.get_many(page_ids)}
         page = [records[i] for i in page_ids if i in records]
+        await self._attach_music(page)
         next_offset = offset + page_size
         return page, (_encode_page_token(next_offset, expr) if next_offset < len(keys) else "")
 
@@ -514,6 +659,11 @@ class PatternStore:
 
     async def all_ids(self) -> list[str]:
         return [str(r["id"]) for r in await self._run(lambda: self._all_keys(""))]
+
+
+def _id_in(ids: Sequence[str]) -> str:
+    """``id in [...]`` over ids this store issued, each checked and quoted."""
+    return f"id in [{', '.join(quote(check_pattern_id(i, 'id')) for i in ids)}]"
 
 
 def _records(rows: Sequence[Mapping[str, Any]]) -> list[PatternRecord]:
