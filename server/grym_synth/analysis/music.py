@@ -275,6 +275,11 @@ class MusicAnalyzer:
     def available(self) -> frozenset[str]:
         return self.models.available() if self.models is not None else frozenset()
 
+    def vocabulary(self) -> tuple[str, ...]:
+        """The tagger's labels (what text search can name); MTT's 50 labels when the tagger is not served."""
+        vocab = getattr(self.models, "tag_vocabulary", None) if "tag" in self.available() else None
+        return tuple(vocab) if vocab else tuple(TAG_CATEGORIES)
+
     async def describe(self, samples: np.ndarray, sr: int = ANALYSIS_RATE_HZ, *, detail: Detail = Detail.SUMMARY,
                        deadline: float | None = None) -> MusicDescription | None:
         """The description at ``detail`` (None for NONE). Silence gets the empty description at once."""
