@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from grym_synth.inference.music_models import BASIC_PITCH, MUSICNN, SILERO_VAD
+
 log = logging.getLogger(__name__)
 
 PITCH_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
@@ -144,7 +146,12 @@ def category(label: str) -> Category:
 def onset_envelope(y: np.ndarray, sr: int) -> np.ndarray:
     import librosa
 
-    return librosa.onset.onset_strength(y=y, sr=sr, hop_length=HOP, aggregate=np.median)
+    # The median over mel bands ignores one instrument's spectral leakage; a narrowband sound (a click, a sine)
+    # changes too few bands for a median, so it falls back to the mean.
+    env = librosa.onset.onset_strength(y=y, sr=sr, hop_length=HOP, aggregate=np.median)
+    if float(env.max(initial=0.0)) <= 1e-6:
+        env = librosa.onset.onset_strength(y=y, sr=sr, hop_length=HOP, aggregate=np.mean)
+    return env
 
 
 def periodicity(onset_env: np.ndarray, bpm: float, sr: int) -> float:
@@ -277,7 +284,7 @@ class MusicAnalyzer:
 
     def vocabulary(self) -> tuple[str, ...]:
         """The tagger's labels (what text search can name); MTT's 50 labels when the tagger is not served."""
-        vocab = getattr(self.models, "tag_vocabulary", None) if "tag" in self.available() else None
+        vocab = getattr(self.models, "tag_vocabulary", None) if MUSICNN in self.available() else None
         return tuple(vocab) if vocab else tuple(TAG_CATEGORIES)
 
     async def describe(self, samples: np.ndarray, sr: int = ANALYSIS_RATE_HZ, *, detail: Detail = Detail.SUMMARY,
@@ -291,11 +298,11 @@ class MusicAnalyzer:
         have = self.available()
         jobs: dict[str, Any] = {"signal": asyncio.to_thread(analyse_signal, samples, sr)}
         if self.models is not None:
-            if detail == Detail.FULL and "transcribe" in have and duration >= MIN_SECONDS["notes"]:
+            if detail == Detail.FULL and BASIC_PITCH in have and duration >= MIN_SECONDS["notes"]:
                 jobs["notes"] = self.models.transcribe(samples, sr, deadline=deadline)
-            if "tag" in have and duration >= MIN_SECONDS["tags"]:
+            if MUSICNN in have and duration >= MIN_SECONDS["tags"]:
                 jobs["tags"] = self.models.tag(samples, sr, deadline=deadline)
-            if "voice" in have and duration >= MIN_SECONDS["voice"]:
+            if SILERO_VAD in have and duration >= MIN_SECONDS["voice"]:
                 jobs["voice"] = self.models.voice(samples, sr, deadline=deadline)
         started = time.perf_counter()
         results = dict(zip(jobs, await asyncio.gather(*jobs.values())))
