@@ -88,8 +88,8 @@ def run(music, coro_fn, *args, **kwargs):
 
 def test_every_music_model_is_served(music) -> None:
     models, _ = music
-    assert models.available() == {"basic_pitch", "crepe", "silero_vad", "musicnn"} & set(models.available())
-    assert {"basic_pitch", "crepe", "silero_vad"} <= models.available()
+    assert models.available() == {"basic_pitch", "musicnn", "crepe", "silero_vad"}
+    assert len(models.tag_vocabulary) == 50 and "guitar" in models.tag_vocabulary
 
 
 # ---- basic-pitch --------------------------------------------------------------------------------------------
@@ -122,6 +122,33 @@ def test_basic_pitch_notes_are_well_formed(music) -> None:
     notes = run(music, "transcribe", melody(16_000), 16_000)
     assert notes and all(isinstance(n, NoteEvent) for n in notes)
     assert all(0 <= n.start_seconds < n.end_seconds <= 4.1 and 1 <= n.velocity <= 127 for n in notes)
+
+
+# ---- musicnn ------------------------------------------------------------------------------------------------
+
+def test_musicnn_equals_extractor(music, tiny_repository: Path) -> None:
+    """musicnn's own extractor (TensorFlow, run by the exporter) on the reference clip vs the served model on the
+    same clip, preprocessing included."""
+    from grym_synth.inference.export.music_musicnn import REFERENCE_CLIP, REFERENCE_DIR, REFERENCE_NPZ
+
+    folder = tiny_repository / "musicnn" / REFERENCE_DIR
+    reference = np.load(folder / REFERENCE_NPZ)
+    clip, rate = sf.read(folder / REFERENCE_CLIP, dtype="float32")
+    taggram, embedding = run(music, "taggram", clip, rate)
+    np.testing.assert_allclose(taggram, reference["taggram"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(embedding, reference["embedding"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(embedding[0], reference["extractor_penultimate"][0], atol=ATOL, rtol=0)
+    tagging = run(music, "tag", clip, rate)
+    np.testing.assert_allclose(tagging.scores, reference["taggram"].mean(axis=0), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(tagging.embedding, reference["embedding"].mean(axis=0), atol=ATOL, rtol=0)
+    assert tagging.scores.dtype == np.float32 and tagging.embedding.shape == (200,)
+
+
+def test_musicnn_hears_music_not_speech(music) -> None:
+    tagging = run(music, "tag", melody(16_000), 16_000)
+    top = [tagging.labels[i] for i in np.argsort(tagging.scores)[::-1][:10]]
+    assert not {"vocal", "vocals", "singing", "male vocal", "female vocal"} & set(top[:3]), top
+    assert float(tagging.scores.max()) > 0.2 and np.all((tagging.scores >= 0) & (tagging.scores <= 1))
 
 
 # ---- torchcrepe ---------------------------------------------------------------------------------------------
@@ -185,8 +212,13 @@ def test_bad_input_gives_empty_answers(music, kind: str) -> None:
     notes = run(music, "transcribe", audio, rate)
     spans = run(music, "voice", audio, rate)
     times, f0, periodicity = run(music, "pitch", audio, rate)
+    tagging = run(music, "tag", audio, rate)
     assert times.shape == f0.shape == periodicity.shape
     assert spans == []
+    assert tagging.scores.shape == (50,) and tagging.embedding.shape == (200,)
+    assert np.all(np.isfinite(tagging.scores)) and np.all((tagging.scores >= 0) & (tagging.scores <= 1))
+    if kind in ("empty", "silence"):
+        assert not tagging.scores.any() and not tagging.embedding.any()
     if kind in ("empty", "silence"):
         assert notes == []
     if kind == "noise":
@@ -205,6 +237,8 @@ def test_ten_minutes(music) -> None:
     assert spans == []
     times, f0, _ = run(music, "pitch", audio, rate)
     assert times.size == f0.size == 1 + audio.size // 160
+    tagging = run(music, "tag", audio, rate)
+    assert float(tagging.scores.max()) > 0.2
 
 
 def test_caller_errors_are_value_errors(music) -> None:

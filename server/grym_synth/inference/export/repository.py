@@ -48,10 +48,11 @@ EXPORTERS: dict[str, str] = {
     "basic_pitch": "grym_synth.inference.export.music:export_basic_pitch",
     "crepe": "grym_synth.inference.export.music:export_crepe",
     "silero_vad": "grym_synth.inference.export.music:export_silero_vad",
+    "musicnn": "grym_synth.inference.export.music_musicnn:export",
 }
 
 # The trained music models (grym_synth.inference.music_models), each extracted from its PyPI package.
-MUSIC_MODELS: tuple[str, ...] = ("basic_pitch", "crepe", "silero_vad")
+MUSIC_MODELS: tuple[str, ...] = ("basic_pitch", "musicnn", "crepe", "silero_vad")
 
 # Every model the product serves (the test-suite's shared Triton loads all of them).
 ALL_MODELS: tuple[str, ...] = (

@@ -1,0 +1,67 @@
+"""Pure logic of grym_synth.inference.music_models: input checks, note conversion, musicnn patching, names."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from grym_synth.inference.music_models import (
+    MUSIC_MODEL_NAMES, MUSICNN_FRAMES, MusicModels, NoteEvent, _mono, musicnn_log_mel, musicnn_patches,
+    notes_from_events, resample,
+)
+
+
+def test_mono_rejects_what_the_caller_must_fix() -> None:
+    assert _mono([0.0, 0.5], 16_000).dtype == np.float32
+    with pytest.raises(ValueError, match="positive"):
+        _mono(np.zeros(4), -1)
+    with pytest.raises(ValueError, match="mono"):
+        _mono(np.zeros((2, 4)), 16_000)
+    with pytest.raises(ValueError, match="NaN"):
+        _mono(np.array([np.inf]), 16_000)
+
+
+def test_resample_keeps_length_ratio_and_identity() -> None:
+    audio = np.random.default_rng(0).standard_normal(22_050).astype(np.float32)
+    assert resample(audio, 22_050, 22_050) is audio
+    assert resample(audio, 22_050, 16_000).shape == (16_000,)
+    assert resample(np.zeros(0, np.float32), 44_100, 16_000).size == 0
+
+
+def test_notes_from_basic_pitch_events() -> None:
+    events = [(1.0, 1.5, 64, 0.5, None), (0.0, 0.4, 60, 0.0001, [1, 2]), (0.0, 0.3, 55, 1.7, None)]
+    notes = notes_from_events(events)
+    assert notes == [NoteEvent(55, 0.0, 0.3, 127), NoteEvent(60, 0.0, 0.4, 1), NoteEvent(64, 1.0, 1.5, 64)]
+
+
+def test_musicnn_patches_match_the_extractors_cut() -> None:
+    rate = 16_000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(10 * rate) / rate)).astype(np.float32)
+    rep = musicnn_log_mel(tone)
+    patches = musicnn_patches(tone)
+    # musicnn.extractor.batch_data: range(0, frames - 187 + 1, 187)
+    assert patches.shape == (len(range(0, rep.shape[0] - MUSICNN_FRAMES + 1, MUSICNN_FRAMES)), 187, 96)
+    np.testing.assert_array_equal(patches[1], rep[187:374].astype(np.float32))
+    short = musicnn_patches(tone[:rate])  # 1 s: repeat-padded to one patch
+    assert short.shape == (1, 187, 96)
+    np.testing.assert_array_equal(short[0, :63], short[0, 63:126])
+
+
+def test_unknown_served_names_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown music models"):
+        MusicModels(object(), served=["basic_pitch", "madmom"])  # type: ignore[arg-type]
+    models = MusicModels(object(), served=["crepe"])  # type: ignore[arg-type]
+    assert models.available() == {"crepe"}
+    assert set(MusicModels(object()).available()) == set(MUSIC_MODEL_NAMES)  # type: ignore[arg-type]
+
+
+def test_probe_keeps_the_ready_models() -> None:
+    class Triton:
+        async def model_ready(self, name: str) -> bool:
+            return name != "musicnn"
+
+    models = MusicModels(Triton())  # type: ignore[arg-type]
+    assert asyncio.run(models.probe()) == {"basic_pitch", "crepe", "silero_vad"}
+    assert models.available() == {"basic_pitch", "crepe", "silero_vad"}
