@@ -66,7 +66,8 @@ def test_stored_patterns_carry_their_descriptors(client: Client, library: dict) 
 def test_search_by_pattern_with_a_music_filter(client: Client, library: dict) -> None:
     anchor = library["patterns"][7][0]
     res = client.stub.SearchPatterns(pb.SearchPatternsRequest(
-        pattern_id=anchor, top_k=10, tag_filter={"suite": library["suite"]}, space=pb.SearchPatternsRequest.SPACE_WAV2VEC2,
+        pattern_id=anchor, top_k=10, tag_filter={"suite": library["suite"]},
+        space=pb.SearchPatternsRequest.SPACE_WAV2VEC2,
         music_filter=pb.MusicFilter(key="G minor")), timeout=60)
     assert {m.pattern.pattern_id for m in res.matches} == _ids(library, 1, 13)
 

@@ -251,7 +251,8 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             config = StreamConfig(
                 sample_rate_hz=cfg.sample_rate_hz, channels=cfg.channels or 1, encoding=_encoding(cfg.encoding),
                 include_features=cfg.include_features, store=cfg.store, tags=dict(cfg.tags),
-                source=cfg.source or "stream", music_detail=convert.music_detail(cfg.music_detail, "config.music_detail"),
+                source=cfg.source or "stream",
+                music_detail=convert.music_detail(cfg.music_detail, "config.music_detail"),
             )
 
             async def chunks() -> AsyncIterator[bytes]:

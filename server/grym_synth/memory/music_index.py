@@ -71,7 +71,8 @@ class MusicFields:
         # of every search.
         vector = list(self.embedding) if has else [1.0] + [0.0] * (dim - 1)
         return {"id": pattern_id, "embedding": vector, "has_embedding": has, "tempo_bpm": float(self.tempo_bpm),
-                "key": self.key[:KEY_CHARS], "music_tags": [t[0][:MAX_LABEL_CHARS] for t in self.tags[:STORED_TOP_TAGS]],
+                "key": self.key[:KEY_CHARS],
+                "music_tags": [t[0][:MAX_LABEL_CHARS] for t in self.tags[:STORED_TOP_TAGS]],
                 "summary": {"tempo_confidence": self.tempo_confidence, "key_confidence": self.key_confidence,
                             "tags": [list(t) for t in self.tags], "vocal_segments": [list(s) for s in
                                                                                      self.vocal_segments],

@@ -34,8 +34,8 @@ import numpy as np
 
 from grym_synth.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from grym_synth.core.resilience import AsyncBreaker
-from grym_synth.memory.music_index import (MUSIC_SCALARS, MUSIC_SUFFIX, MusicFields, MusicQuery, create_music_collection,
-                                           text_score)
+from grym_synth.memory.music_index import (MUSIC_SCALARS, MUSIC_SUFFIX, MusicFields, MusicQuery,
+                                           create_music_collection, text_score)
 
 if TYPE_CHECKING:
     from grym_synth.memory.recall_index import RecallIndex
