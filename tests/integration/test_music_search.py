@@ -121,3 +121,46 @@ def test_hostile_text_queries_never_crash(client: Client, library: dict, text: s
         client.stub.SearchPatterns(pb.SearchPatternsRequest(text=text, top_k=top_k), timeout=60)
     except grpc.RpcError as err:
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
+
+
+# --- the companion collection on existing and damaged stores (milvus-lite, no server) ----------------------------------
+def test_an_existing_store_gains_descriptors_without_losing_patterns(tmp_path: Path) -> None:
+    import asyncio
+
+    import numpy as np
+
+    from grym_synth.memory.music_index import MusicFields, MusicQuery
+    from grym_synth.memory.store import PatternStore, PatternStoreDamaged
+
+    uri = str(tmp_path / "patterns.db")
+
+    async def before() -> list[str]:
+        old = PatternStore(uri, dim=8, model="wav2vec2", profile="tiny")  # a store from before music analysis
+        old.open()
+        ids = [(await old.insert(np.random.default_rng(i).normal(size=8).tolist(), duration_s=1.0, tags={},
+                                 source="old")).id for i in range(3)]
+        old.close()
+        return ids
+
+    async def after(ids: list[str]) -> None:
+        store = PatternStore(uri, dim=8, model="wav2vec2", profile="tiny", music_dim=4)
+        store.open()
+        assert await store.count() == 3 and {p.id for p in await store.get_many(ids)} == set(ids)
+        assert (await store.get(ids[0])).music is None
+        new = await store.insert([1.0] * 8, duration_s=1.0, tags={}, source="new",
+                                 music=MusicFields(tempo_bpm=100, key="A minor", embedding=[1.0, 0, 0, 0]))
+        page, _ = await store.list(page_size=10, music=MusicQuery.parse(0, 0, "A minor", []))
+        assert [p.id for p in page] == [new.id]
+        assert len((await store.list(page_size=10))[0]) == 4
+        assert [p.id for p in await store.search_music([1.0, 0, 0, 0], top_k=5)] == [new.id]
+        await store.delete(new.id)
+        assert await store.search_music([1.0, 0, 0, 0], top_k=5) == []
+        store.close()
+
+    ids = asyncio.run(before())
+    asyncio.run(after(ids))
+    manifest = tmp_path / "patterns.db" / "collections" / "grym_patterns_wav2vec2_tiny_music" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:10])
+    damaged = PatternStore(uri, dim=8, model="wav2vec2", profile="tiny", music_dim=4)
+    with pytest.raises(PatternStoreDamaged, match="_music/manifest.json is unreadable"):
+        damaged.open()

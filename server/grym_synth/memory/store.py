@@ -249,7 +249,8 @@ class PatternStore:
             exists = self._client.has_collection(self.collection)
             if not exists:
                 if not self.is_local:  # (a local store was checked before it was opened)
-                    others = [c for c in self._client.list_collections() if c.startswith(self.collection_prefix)]
+                    others = [c for c in self._client.list_collections()
+                              if c.startswith(self.collection_prefix) and not c.endswith(MUSIC_SUFFIX)]
                     self._refuse_if_missing(history, bool(others), f"Milvus has no {self.collection_prefix}_* "
                                                                    "collection")
                 self._create_collection()
@@ -284,10 +285,24 @@ class PatternStore:
         root = Path(self.uri)
         coll = root / "collections" / self.collection
         if not coll.exists():
-            others = [d for d in (root / "collections").glob(f"{self.collection_prefix}_*") if d.is_dir()]
+            # (a music companion collection alone does not make a store: its patterns are gone)
+            others = [d for d in (root / "collections").glob(f"{self.collection_prefix}_*")
+                      if d.is_dir() and not d.name.endswith(MUSIC_SUFFIX)]
             self._refuse_if_missing(history, bool(others), f"the pattern store {root} "
                                     f"{'does not exist' if not root.exists() else 'holds no pattern collection'}")
             return
+        problems = self._local_problems(coll)
+        music = root / "collections" / self.music_collection
+        if self.music_dim and music.exists():  # the descriptors are checked like the patterns
+            problems += self._local_problems(music)
+        if problems:
+            raise PatternStoreDamaged(f"the pattern store {root} is damaged: {'; '.join(problems)}. It was not opened "
+                                      "(milvus-lite would serve it as fewer patterns and delete the data files its "
+                                      "manifest no longer lists); restore it from a backup")
+
+    @staticmethod
+    def _local_problems(coll: Path) -> list[str]:
+        """What is wrong with one milvus-lite collection directory's files (empty: nothing)."""
         problems: list[str] = []
         manifest = coll / "manifest.json"
         data: Any = None
@@ -317,10 +332,7 @@ class PatternStore:
                      if f not in known and isinstance(current, int) and (_max_seq(f) or 0) > current]
             if newer:
                 problems.append(f"{len(newer)} data file(s) hold rows newer than its manifest: {', '.join(newer[:3])}")
-        if problems:
-            raise PatternStoreDamaged(f"the pattern store {root} is damaged: {'; '.join(problems)}. It was not opened "
-                                      "(milvus-lite would serve it as fewer patterns and delete the data files its "
-                                      "manifest no longer lists); restore it from a backup")
+        return problems
 
     def _create_collection(self) -> None:
         from pymilvus import DataType, MilvusClient
