@@ -215,3 +215,18 @@ def test_proto_conversions() -> None:
     back = convert.description_of(f, 3.0)
     assert back.tags[1].category == M.Category.OTHER and back.duration_s == 3.0 and back.embedding is not None
     assert convert.music_query(None) is None
+
+
+def test_clusters_are_labelled_by_shared_music_descriptors() -> None:
+    from grym_synth.memory.learning import _common_music
+    from grym_synth.memory.store import PatternRecord
+
+    def rec(i: int, music: MusicFields | None) -> PatternRecord:
+        return PatternRecord(id=str(i), model="m", profile="p", duration_s=1.0, tags={}, created_at_us=i, source="s",
+                             music=music)
+
+    members = [rec(1, MusicFields(tempo_bpm=100, key="A minor", tags=[("guitar", 0.9, 1)])),
+               rec(2, MusicFields(tempo_bpm=110, key="A minor", tags=[("piano", 0.9, 1)])),
+               rec(3, MusicFields(tempo_bpm=0, key="C major", tags=[("guitar", 0.8, 1)]))]
+    assert _common_music(members) == {"music.key": "A minor", "music.tag": "guitar", "music.tempo_bpm": "105"}
+    assert _common_music([rec(1, None), rec(2, None), members[0]]) == {}

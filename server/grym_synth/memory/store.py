@@ -450,7 +450,7 @@ class PatternStore:
         if not rows:
             raise NotFound(f"pattern {pattern_id!r} does not exist")
         record = PatternRecord.from_row(rows[0])
-        await self._attach_music([record], include_embedding=include_embedding)
+        await self.attach_music([record], include_embedding=include_embedding)
         return record
 
     async def delete(self, pattern_id: str) -> None:
@@ -496,7 +496,7 @@ class PatternStore:
                 p.embedding = full[p.id].embedding if p.id in full else None
                 p.music = full[p.id].music if p.id in full else None
         else:
-            await self._attach_music(found)
+            await self.attach_music(found)
         return found
 
     # --- music (the companion collection; see memory/music_index.py) ------------------------------------------------
@@ -521,7 +521,7 @@ class PatternStore:
             raise
         record.music = music
 
-    async def _attach_music(self, records: Sequence[PatternRecord], *, include_embedding: bool = False) -> None:
+    async def attach_music(self, records: Sequence[PatternRecord], *, include_embedding: bool = False) -> None:
         if not self.music_dim or not records:
             return
         fields = MUSIC_SCALARS + (["embedding"] if include_embedding else [])
@@ -583,7 +583,7 @@ class PatternStore:
         if not hits:
             return []
         records = {p.id: p for p in await self.get_many([i for i, _ in hits], include_embedding=include_embedding)}
-        await self._attach_music(list(records.values()), include_embedding=include_embedding)
+        await self.attach_music(list(records.values()), include_embedding=include_embedding)
         out = []
         for pattern_id, score in hits:
             if pattern_id in records:
@@ -631,7 +631,7 @@ class PatternStore:
         page_ids = [str(r["id"]) for r in keys[offset: offset + page_size]]
         records = {p.id: p for p in await self.get_many(page_ids)}
         page = [records[i] for i in page_ids if i in records]
-        await self._attach_music(page)
+        await self.attach_music(page)
         next_offset = offset + page_size
         return page, (_encode_page_token(next_offset, expr) if next_offset < len(keys) else "")
 
