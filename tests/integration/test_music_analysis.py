@@ -162,3 +162,10 @@ def test_ten_minutes_streamed_get_a_description(client: Client) -> None:
     final = list(client.stub.StreamAnalyze(iter(reqs), timeout=600))[-1]
     assert final.is_final and final.end_seconds == pytest.approx(600, abs=0.1)
     assert abs(final.music.tempo_bpm / 110 - 1) <= TEMPO_TOLERANCE, final.music.tempo_bpm
+
+
+def test_generate_result_says_what_the_generated_audio_is(client: Client) -> None:
+    events = list(client.generate("warm pad", seconds=1.0, steps=2, seed=3))
+    result = [e.result for e in events if e.HasField("result")][-1]
+    assert result.HasField("music") and "librosa" in result.music.models
+    assert not result.music.notes  # summary detail
