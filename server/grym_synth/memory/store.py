@@ -436,9 +436,17 @@ class PatternStore:
         )
         row = {**{k: getattr(record, k) for k in ("id", "model", "profile", "duration_s", "tags", "created_at_us",
                                                    "source", "metadata")}, "embedding": vector}
-        await self._run(lambda: self._client.insert(self.collection, [row]))
-        if music is not None and self.music_dim:
-            await self._insert_music(record, music)
+        with_music = music is not None and self.music_dim > 0
+        if with_music:  # the descriptors first: a pattern row exists only with them (memory/music_index.py)
+            await self._run(lambda: self._client.insert(self.music_collection,
+                                                        [music.row(record.id, self.music_dim)]))  # type: ignore
+        try:
+            await self._run(lambda: self._client.insert(self.collection, [row]))
+        except BaseException:
+            if with_music:
+                await self._drop_orphan_music(record.id)
+            raise
+        record.music = music if with_music else None
         if self.recall_index is not None:
             self.recall_index.add(record)
         return record
@@ -510,16 +518,14 @@ class PatternStore:
             raise InvalidArgument(f"{what} contains NaN or infinite values, or is all zeros")
         return arr.tolist()
 
-    async def _insert_music(self, record: PatternRecord, music: MusicFields) -> None:
-        """The descriptors after the pattern: a failure here removes the pattern again, so a pattern is stored
-        with its descriptors or not at all."""
-        row = music.row(record.id, self.music_dim)
+    async def _drop_orphan_music(self, pattern_id: str) -> None:
+        """Remove the descriptors of a pattern whose own row was not written. Best effort: an orphan that stays
+        (the disk is full) is never shown, because every music query maps its ids through the patterns
+        collection."""
         try:
-            await self._run(lambda: self._client.insert(self.music_collection, [row]))
-        except BaseException:
-            await self._run(lambda: self._client.delete(self.collection, ids=[record.id]))
-            raise
-        record.music = music
+            await self._run(lambda: self._client.delete(self.music_collection, ids=[pattern_id]))
+        except Exception as exc:
+            log.warning("descriptors of the unwritten pattern %s stay behind (harmless): %s", pattern_id, exc)
 
     async def attach_music(self, records: Sequence[PatternRecord], *, include_embedding: bool = False) -> None:
         if not self.music_dim or not records:
