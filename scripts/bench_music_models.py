@@ -96,8 +96,8 @@ def main() -> int:
             rows = asyncio.run(_measure(server, args, audio, Path(tmp)))
         finally:
             server.stop()
-    print(f"| model | clip | in-process median s | served median s | in-process x real time | "
-          f"served x real time | served / in-process speed |")
+    print("| model | clip | in-process median s | served median s | in-process x real time | "
+          "served x real time | served / in-process speed |")
     print("|---|---|---|---|---|---|---|")
     for name, local, remote in rows:
         print(f"| {name} | {args.seconds:.0f} s | {local:.3f} | {remote:.3f} | {args.seconds / local:.0f} | "

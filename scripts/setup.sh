@@ -47,6 +47,11 @@ if ldd "$stub" | grep -q "not found"; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq libpython3.11 >/dev/null
   else sudo apt-get update -qq && sudo apt-get install -y -qq libpython3.11 >/dev/null; fi
 fi
+# musicnn's one-time conversion runs in a throwaway TensorFlow 2.15 venv (docs/models.md); create it now (once per
+# machine, ~2 min from PyPI, ~1.8 GB under ~/.cache/grym-synth or $GRYM_MUSICNN_EXPORT_VENV) so that a failure shows
+# here rather than in the first `grym-synth export`.
+python -c 'from grym_synth.inference.export.music_musicnn import ensure_venv; ensure_venv()'
+
 # espeak-ng: spoken test audio for the voice-activity reference test (tests/integration/test_music_models.py).
 if ! command -v espeak-ng >/dev/null; then
   echo "setup: installing espeak-ng (test speech)"

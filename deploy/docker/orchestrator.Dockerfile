@@ -22,9 +22,12 @@ COPY server ./server
 COPY clients/python ./clients/python
 COPY model_repository ./model_repository
 COPY scripts/gen_protos.py ./scripts/gen_protos.py
+# the trained music models' packages go in without their declared dependencies (docs/models.md)
+COPY scripts/requirements-nodeps.txt ./scripts/requirements-nodeps.txt
 
 RUN pip install --index-url https://download.pytorch.org/whl/cpu "torch==2.13.0" \
  && pip install . \
+ && pip install --no-deps -r scripts/requirements-nodeps.txt \
  && rm -rf /src \
  && mkdir -p /var/lib/grym && chown grym:grym /var/lib/grym
 WORKDIR /var/lib/grym

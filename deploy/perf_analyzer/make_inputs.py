@@ -58,6 +58,11 @@ TARGETS: dict[str, Target] = {
     "audioldm": Target("audioldm", ("config.pbtxt",), decoupled=True),
     "coordinator": Target("coordinator", ("config.pbtxt",), decoupled=True),
     "coordinator_vllm": Target("coordinator", ("configs/vllm.pbtxt",), decoupled=True),
+    # the trained music models (docs/models.md); no TensorRT variants
+    "basic_pitch": Target("basic_pitch", ("config.pbtxt", "configs/onnxruntime.pbtxt")),
+    "musicnn": Target("musicnn", ("config.pbtxt", "configs/onnxruntime.pbtxt")),
+    "crepe": Target("crepe", ("config.pbtxt", "configs/onnxruntime.pbtxt")),
+    "silero_vad": Target("silero_vad", ("config.pbtxt", "configs/onnxruntime.pbtxt")),
 }
 
 PROMPT = "a warm analog synth pad with slow filter sweeps"
@@ -187,8 +192,28 @@ def documents(profile: str) -> dict[str, dict[str, Any]]:
             "return_finish_reason": _scalar(True),
         },
     }
+    docs.update(_music_documents(rng))
     assert set(docs) == set(TARGETS)
     return {stem: {"data": [row]} for stem, row in docs.items()}
+
+
+def _music_documents(rng: np.random.Generator) -> dict[str, dict[str, Any]]:
+    """Inputs of the trained music models, as their clients cut them (grym_synth.inference.music_models): one
+    basic-pitch window (43844 samples at 22050 Hz) of a chord, one musicnn log-mel patch (values in the range of
+    log10(10000 x + 1)), one normalised CREPE frame, one silero block of 32 frames with zero LSTM state. Drawn
+    after the other models' data so their files do not change."""
+    t = np.arange(43844) / 22050
+    window = 0.2 * (np.sin(2 * np.pi * 220 * t) + 0.5 * np.sin(2 * np.pi * 330 * t))
+    frame = np.sin(2 * np.pi * 220 * np.arange(1024) / 16000)
+    frame = (frame - frame.mean()) / frame.std()
+    speech = 0.1 * rng.standard_normal(32 * 576)
+    return {
+        "basic_pitch": {"audio": _f32(window[:, None])},
+        "musicnn": {"patches": _f32(rng.uniform(0.0, 3.0, size=(187, 96)))},
+        "crepe": {"frames": _f32(frame)},
+        "silero_vad": {"input": _f32(speech.reshape(32, 576)), "h": _f32(np.zeros((1, 1, 128))),
+                       "c": _f32(np.zeros((1, 1, 128)))},
+    }
 
 
 def render(doc: dict[str, Any]) -> str:

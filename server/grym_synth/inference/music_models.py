@@ -8,7 +8,8 @@ Interface (owned by the "models" branch; change it only with a note here):
 * ``await transcribe(audio, sample_rate)`` -> ``list[NoteEvent]`` (basic-pitch incl. its own note creation),
   ``await tag(...)`` -> :class:`Tagging` (musicnn MTT: 50 labels, scores and 200-d ``penultimate`` embedding, means
   over the clip's 3-second patches), ``await voice(...)`` -> speech spans in seconds (silero-vad), ``await
-  pitch(...)`` -> ``(times_s, f0_hz, periodicity)`` (torchcrepe ``tiny``, Viterbi decoding).
+  pitch(...)`` -> ``(times_s, f0_hz, periodicity)`` (torchcrepe ``tiny``, Viterbi decoding; keyword
+  ``hop_seconds``, default 0.01 as torchcrepe's, added to the interface so long clips can ask for fewer frames).
 * Any mono float32 audio at any rate; each call resamples as its model needs (librosa's default soxr_hq, what
   ``librosa.load(sr=...)`` inside basic-pitch's and musicnn's own loaders does; torchcrepe resamples itself with
   resampy, as ``torchcrepe.predict`` does; silero at 16 kHz). Long audio is cut into fixed-shape pieces and sent
@@ -125,6 +126,21 @@ def resample(audio: np.ndarray, sample_rate: int, target: int) -> np.ndarray:
     return librosa.resample(audio, orig_sr=sample_rate, target_sr=target).astype(np.float32, copy=False)
 
 
+def quiet_import_basic_pitch() -> None:
+    """Import basic_pitch without its three root-logger warnings about TensorFlow, CoreML and TFLite being absent
+    (grym-synth runs its ONNX model only; the warnings would read as faults in the orchestrator's log)."""
+    import sys
+
+    if "basic_pitch" in sys.modules:
+        return
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        import basic_pitch  # noqa: F401
+    finally:
+        logging.disable(previous)
+
+
 def _chunks(array: np.ndarray, size: int) -> list[np.ndarray]:
     return [array[i:i + size] for i in range(0, array.shape[0], size)]
 
@@ -177,6 +193,7 @@ class MusicModels:
                             ) -> dict[str, np.ndarray] | None:
         """basic-pitch's unwrapped posteriors ``{"note", "onset", "contour"}`` (frames x bins) as
         ``basic_pitch.inference.run_inference`` returns them; None when the audio is shorter than one frame."""
+        quiet_import_basic_pitch()
         from basic_pitch.constants import AUDIO_SAMPLE_RATE, AUDIO_N_SAMPLES, FFT_HOP
         from basic_pitch.inference import unwrap_output, window_audio_file
 
@@ -234,10 +251,12 @@ class MusicModels:
 
     # ---- torchcrepe --------------------------------------------------------------------------------------------
 
-    async def pitch(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """torchcrepe ``tiny`` pitch: frame times (s, 10 ms hop), f0 (Hz, Viterbi-decoded within 50-2006 Hz, with
-        torchcrepe's own +-10-cent dither) and periodicity (the network's confidence, 0-1)."""
+    async def pitch(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None,
+                    hop_seconds: float = CREPE_HOP_SECONDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """torchcrepe ``tiny`` pitch: frame times (s, one per ``hop_seconds``, torchcrepe's default 10 ms), f0 (Hz,
+        Viterbi-decoded within 50-2006 Hz, with torchcrepe's own +-10-cent dither) and periodicity (the network's
+        confidence, 0-1). The network costs ~5 ms of CPU per frame here: a 10 ms hop runs at about 2x real time
+        on 2 cores, so long clips may ask for a coarser hop."""
         import torch
 
         from grym_synth.inference.export.music import import_torchcrepe
@@ -247,9 +266,9 @@ class MusicModels:
         if samples.size == 0:
             return empty, empty, empty
         torchcrepe = import_torchcrepe()
-        hop = int(sample_rate * CREPE_HOP_SECONDS)
+        hop = int(sample_rate * hop_seconds)
         if hop < 1:
-            raise ValueError(f"sample_rate {sample_rate} is too low for a 10 ms hop")
+            raise ValueError(f"hop_seconds {hop_seconds} is less than one sample at {sample_rate} Hz")
         with torch.no_grad():
             frames = next(torchcrepe.preprocess(torch.from_numpy(samples)[None], sample_rate, hop, None, "cpu",
                                                 True)).numpy()

@@ -97,6 +97,9 @@ def export_basic_pitch(profile: str, model_dir: Path, weights: Path | None, seed
     import onnx
     import onnxruntime as ort
 
+    from grym_synth.inference.music_models import quiet_import_basic_pitch
+
+    quiet_import_basic_pitch()
     source = package_file("basic_pitch", "saved_models", "icassp_2022", "nmp.onnx")
     model = onnx.load(str(source))
     _rename_tensors(model, {BASIC_PITCH_INPUT[0]: BASIC_PITCH_INPUT[1], **BASIC_PITCH_OUTPUTS})
