@@ -123,7 +123,7 @@ def test_hostile_text_queries_never_crash(client: Client, library: dict, text: s
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (err.code(), err.details())
 
 
-# --- the companion collection on existing and damaged stores (milvus-lite, no server) ----------------------------------
+# --- the companion collection on existing and damaged stores (milvus-lite, no server) -------------------------------
 def test_an_existing_store_gains_descriptors_without_losing_patterns(tmp_path: Path) -> None:
     import asyncio
 
