@@ -43,6 +43,9 @@ grym compose "10 second ambient piece, rain, slow build" --max-tokens 48 --out "
   --tag session=demo
 grym workflows
 grym clusters
+# Music analysis (docs/music_analysis.md): renders of self-made MIDI by fluidsynth, analysed and searched through
+# the `grym` Python client (scripts/demo_music.py), its numbers printed beside the MIDI's truth.
+python scripts/demo_music.py "$DATA/demo/music"
 set +x
 echo "== audio written to $DATA/demo/generated_pad.wav and $DATA/demo/composition.wav (seeded weights: the"
 echo "   pipeline and its numbers are real, the sound is not music; see README 'About the weights')"

@@ -60,4 +60,10 @@ if ! command -v espeak-ng >/dev/null; then
   if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq espeak-ng >/dev/null
   else sudo apt-get update -qq && sudo apt-get install -y -qq espeak-ng >/dev/null; fi
 fi
+# fluidsynth + the FluidR3_GM soundfont: the self-made music test set (scripts/make_music_testset.py; tests, bench, demo).
+if ! command -v fluidsynth >/dev/null || [ ! -f /usr/share/sounds/sf2/FluidR3_GM.sf2 ]; then
+  echo "setup: installing fluidsynth and fluid-soundfont-gm (music test set)"
+  if [ "$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq fluidsynth fluid-soundfont-gm >/dev/null
+  else sudo apt-get update -qq && sudo apt-get install -y -qq fluidsynth fluid-soundfont-gm >/dev/null; fi
+fi
 echo "setup: ready (.venv; gRPC stubs in server/grym_synth/api/v1 and clients/python/grym/v1)"

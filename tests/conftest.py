@@ -81,3 +81,15 @@ def feedback(tmp_path: Path) -> Iterator[FeedbackStore]:
     store = open_feedback_store(f"sqlite://{tmp_path / 'workflows.db'}")
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def music_renders(tmp_path_factory: pytest.TempPathFactory) -> dict[int, dict]:
+    """A few pieces of the self-made MIDI test set (scripts/make_music_testset.py), rendered by fluidsynth once per
+    session: index -> truth (tempo, key, instrument, notes) with the render's path under "wav"."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_music_testset as ts
+
+    out = tmp_path_factory.mktemp("music_testset")
+    wanted = {1, 4, 7, 12, 13, 17}
+    return {int(p.name[:3]): ts.load(p) for p in ts.make(out, 24, only=wanted)}

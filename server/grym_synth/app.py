@@ -23,6 +23,8 @@ from grym_synth.api.v1 import orchestrator_pb2
 from grym_synth.analysis.service import MODEL as ANALYSIS_MODEL, AnalysisService
 from grym_synth.core.audio import TARGET_RATE_HZ
 from grym_synth.inference.export.repository import DEFAULT_MODELS, build_repository
+from grym_synth.inference.music_models import MUSICNN_EMBEDDING, MusicModels
+from grym_synth.analysis.music import MusicAnalyzer
 from grym_synth.inference.export.wav2vec2 import MIN_SAMPLES
 from grym_synth.compose.service import ComposeService
 from grym_synth.coordinator.grammar import plan_answer_schema
@@ -146,6 +148,8 @@ class App:
                 await asyncio.to_thread(self.triton_process.stop)
                 raise
         await self._wait_models(s.triton_startup_timeout_s)
+        if self.music_models is not None:  # only the music models Triton serves are asked
+            log.info("music models served: %s", ", ".join(sorted(await self.music_models.probe())) or "none")
         assert self.store is not None
         self.store.dim = await self._probe_embedding_dim()
         # Refuses (start-up fails, saying why) a damaged store, or a missing one beside a non-empty workflow history.
@@ -232,10 +236,14 @@ class App:
         budget = MemoryBudget(s.max_inflight_audio_bytes, self.metrics)
         self.cache = LruCache("analysis", max_entries=s.cache_max_entries, max_bytes=s.cache_max_bytes,
                               metrics=self.metrics)
+        # The music description (analysis/music.py): signal analysis plus the trained music models that are served.
+        self.music_models = MusicModels(self.triton) if s.music_analysis else None
+        self.store.music_dim = MUSICNN_EMBEDDING if s.music_analysis else 0
         analysis = AnalysisService(
             self.triton, self.store, profile=s.profile, min_samples=MIN_SAMPLES, max_audio_s=s.max_audio_seconds,
             max_stream_s=s.max_stream_seconds, window_s=s.stream_window_seconds, budget=budget, metrics=self.metrics,
             cache=self.cache, max_stream_buffer_bytes=s.max_stream_buffer_bytes,
+            music=MusicAnalyzer(self.music_models) if s.music_analysis else None,
         )
         # The audioldm model's limits and CLAP tokenizer, once: Generate refuses what the model would refuse.
         use_generation_limits(load_generation_limits(s.profile, s.repository_dir, s.audioldm_weights_dir))

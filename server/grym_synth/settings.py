@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     max_generate_seconds: float = Field(30.0, gt=0, description="Longest audio Generate produces.")
     max_stream_seconds: float = Field(600.0, gt=0, description="Longest audio accepted by StreamAnalyze.")
     stream_window_seconds: float = Field(10.0, gt=0, description="StreamAnalyze analysis window length.")
+    music_analysis: bool = Field(
+        True, description="Describe the music of analysed audio (tempo, key; notes, tags, vocals where the music "
+                          "models are served) and keep the descriptors with patterns.")
     max_concurrent_requests: int = Field(64, ge=1, description="In-flight RPCs per method before RESOURCE_EXHAUSTED.")
     max_inflight_audio_bytes: int = Field(
         512 * 1024 * 1024, ge=1024, description="Memory budget for audio and tensors held by in-flight requests."

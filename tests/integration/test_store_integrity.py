@@ -125,7 +125,8 @@ def _store_dir(data: Path) -> Path:
 
 
 def _collection_dir(data: Path) -> Path:
-    dirs = list((_store_dir(data) / "collections").iterdir())
+    # (the music companion collection, memory/music_index.py, is not the patterns collection)
+    dirs = [d for d in (_store_dir(data) / "collections").iterdir() if not d.name.endswith("_music")]
     assert len(dirs) == 1, dirs
     return dirs[0]
 

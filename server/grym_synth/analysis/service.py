@@ -8,6 +8,7 @@ and a window bounds the memory one request can hold.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -18,7 +19,9 @@ import numpy as np
 from grym_synth.core.audio import TARGET_RATE_HZ, Audio, decode_pcm, to_mono_16k, validate
 from grym_synth.core.cache import LruCache, digest
 from grym_synth.core.errors import InvalidArgument, OutOfRange, ResourceExhausted
+from grym_synth.analysis.music import Detail, MusicAnalyzer, MusicDescription, merge
 from grym_synth.inference.export.wav2vec2 import num_frames
+from grym_synth.memory.music_index import MusicFields
 from grym_synth.core.metrics import Metrics
 from grym_synth.memory.store import PatternRecord, PatternStore, validate_tags
 from grym_synth.core.resilience import BudgetHold, MemoryBudget
@@ -39,6 +42,7 @@ class Analysis:
     duration_s: float
     features: np.ndarray | None = None
     pattern: PatternRecord | None = None
+    music: MusicDescription | None = None
 
 
 @dataclass
@@ -56,6 +60,7 @@ class StreamSummary:
     frames: int
     embedding: np.ndarray
     pattern: PatternRecord | None = None
+    music: MusicDescription | None = None
 
 
 @dataclass
@@ -67,6 +72,19 @@ class StreamConfig:
     store: bool = False
     tags: dict[str, str] = field(default_factory=dict)
     source: str = "stream"
+    music_detail: Detail = Detail.SUMMARY
+
+
+def music_fields(music: MusicDescription | None) -> MusicFields | None:
+    """What pattern memory keeps of a description (no notes, no beats)."""
+    if music is None:
+        return None
+    return MusicFields(tempo_bpm=music.tempo_bpm, tempo_confidence=music.tempo_confidence, key=music.key,
+                       key_confidence=music.key_confidence,
+                       tags=[(t.label, t.score, int(t.category)) for t in music.tags],
+                       vocal_segments=list(music.vocal_segments),
+                       embedding=music.embedding.tolist() if music.embedding is not None else None,
+                       models=music.models, tag_scores=dict(music.tag_scores))
 
 
 class AnalysisService:
@@ -75,8 +93,9 @@ class AnalysisService:
     def __init__(self, triton: TritonClient, store: PatternStore, *, profile: str, min_samples: int,
                  max_audio_s: float, max_stream_s: float, window_s: float, budget: MemoryBudget,
                  metrics: Metrics | None = None, cache: LruCache[Analysis] | None = None,
-                 max_stream_buffer_bytes: int = 64 * 1024 * 1024) -> None:
+                 max_stream_buffer_bytes: int = 64 * 1024 * 1024, music: MusicAnalyzer | None = None) -> None:
         self.triton = triton
+        self.music = music  # None: no music description (signal analysis and the music models are off)
         self.max_stream_buffer_bytes = max_stream_buffer_bytes
         self.store = store
         self.profile = profile
@@ -118,18 +137,31 @@ class AnalysisService:
         frames = int(features.shape[0]) if features is not None else num_frames(len(audio.samples))
         return Analysis(frames=frames, embedding=embedding, duration_s=audio.duration_s, features=features)
 
+    async def describe_music(self, samples: np.ndarray, detail: Detail = Detail.SUMMARY, *,
+                             deadline: float | None = None) -> MusicDescription | None:
+        """The music description of 16 kHz mono samples (None when the server runs without it or detail is
+        NONE)."""
+        if self.music is None or detail == Detail.NONE:
+            return None
+        return await self.music.describe(samples, TARGET_RATE_HZ, detail=detail, deadline=deadline)
+
     async def analyze(self, audio: Audio, *, include_features: bool, store: bool, tags: Mapping[str, str],
                       source: str, metadata: Mapping[str, str] | None, deadline: float | None,
-                      request_id: str) -> Analysis:
-        """Analyse one clip; when ``store`` is set the pattern is written only after the model succeeded, so a
-        failure never leaves a half-written pattern."""
+                      request_id: str, music_detail: Detail = Detail.SUMMARY) -> Analysis:
+        """Analyse one clip (Wav2Vec2 and the music description concurrently); when ``store`` is set the pattern
+        is written only after the models succeeded, so a failure never leaves a half-written pattern. A stored
+        pattern keeps the summary even when the request asked for no description."""
         tags = validate_tags(tags)
-        analysis = await self.run_model(audio, include_features=include_features, deadline=deadline,
-                                        request_id=request_id)
+        detail = Detail.SUMMARY if store and music_detail == Detail.NONE else music_detail
+        analysis, music = await asyncio.gather(
+            self.run_model(audio, include_features=include_features, deadline=deadline, request_id=request_id),
+            self.describe_music(audio.samples, detail, deadline=deadline))
+        analysis.music = music if music_detail != Detail.NONE else None
         if store:
             analysis.pattern = await self.store.insert(analysis.embedding, duration_s=analysis.duration_s,
                                                        tags=tags, source=source, metadata=metadata,
-                                                       audio=audio.samples)  # the 16 kHz mono audio analysed
+                                                       audio=audio.samples,  # the 16 kHz mono audio analysed
+                                                       music=music_fields(music))
             if self.metrics:
                 self.metrics.patterns_stored.labels(source).inc()
         return analysis
@@ -179,8 +211,11 @@ class AnalysisService:
             audio = validate(mono, min_samples=self.min_samples, max_seconds=float("inf"),
                              what=f"window {len(windows)}")
             start = sum(w.analysis.duration_s for w in windows)
-            analysis = await self.run_model(audio, include_features=config.include_features, deadline=deadline,
-                                            request_id=request_id)
+            detail = Detail.SUMMARY if config.store and config.music_detail == Detail.NONE else config.music_detail
+            analysis, analysis.music = await asyncio.gather(
+                self.run_model(audio, include_features=config.include_features, deadline=deadline,
+                               request_id=request_id),
+                self.describe_music(audio.samples, detail, deadline=deadline))
             window = WindowResult(len(windows), start, start + analysis.duration_s, analysis)
             windows.append(window)
             if config.store:  # kept for the pattern's stored audio, as 16-bit (half the float32 size)
@@ -229,11 +264,15 @@ class AnalysisService:
         frames = sum(w.analysis.frames for w in windows)
         pooled = sum(w.analysis.embedding * w.analysis.frames for w in windows) / max(frames, 1)
         summary = StreamSummary(len(windows), windows[-1].end_s, frames, pooled.astype(np.float32))
+        described = [(w.start_s, w.analysis.music) for w in windows if w.analysis.music is not None]
+        music = merge(described) if described else None
+        summary.music = music if config.music_detail != Detail.NONE else None
         if config.store:
             stored = np.concatenate(kept).astype(np.float32) / 32767 if kept else None
             kept.clear()
             summary.pattern = await self.store.insert(summary.embedding, duration_s=summary.duration_s, tags=tags,
-                                                      source=config.source or "stream", metadata=None, audio=stored)
+                                                      source=config.source or "stream", metadata=None, audio=stored,
+                                                      music=music_fields(music))
             stored = None
             if self.metrics:
                 self.metrics.patterns_stored.labels(config.source or "stream").inc()

@@ -10,10 +10,12 @@ import numpy as np
 import soundfile as sf
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from grym_synth.analysis.music import Category, Detail, MusicDescription, Tag
 from grym_synth.api.v1 import common_pb2, orchestrator_pb2 as pb
 from grym_synth.core.audio import TARGET_RATE_HZ, AudioFormat, decode_file, decode_pcm, encode_audio, encoded_rate_hz
 from grym_synth.core.errors import InvalidArgument
 from grym_synth.generation.service import MODES, WAV_CHUNK_BYTES, AudioData
+from grym_synth.memory.music_index import MusicFields, MusicQuery
 from grym_synth.memory.learning import Cluster
 from grym_synth.workflow.store import WorkflowRecord, WorkflowState
 
@@ -137,3 +139,59 @@ def stored_audio(wav: bytes) -> AudioData:
     """A pattern's stored WAV (16-bit, 16 kHz) as AudioData for the AudioChunk builder: in WAV 16 its bytes go out as
     they are (so their SHA-256 is the pattern's audio_sha256); other formats are encoded from its samples."""
     return AudioData([wav[i: i + WAV_CHUNK_BYTES] for i in range(0, len(wav), WAV_CHUNK_BYTES)], TARGET_RATE_HZ)
+
+
+# --- music descriptions (analysis.music / memory.music_index <-> grym.v1.MusicDescription) ---------------------------
+MUSIC_DETAILS = {common_pb2.MUSIC_DETAIL_UNSPECIFIED: Detail.SUMMARY, common_pb2.MUSIC_DETAIL_NONE: Detail.NONE,
+                 common_pb2.MUSIC_DETAIL_SUMMARY: Detail.SUMMARY, common_pb2.MUSIC_DETAIL_FULL: Detail.FULL}
+
+
+def music_detail(value: int, what: str = "music_detail") -> Detail:
+    if value not in MUSIC_DETAILS:
+        raise InvalidArgument(f"{what} {value} is not a MusicDetail value (NONE, SUMMARY or FULL)")
+    return MUSIC_DETAILS[value]
+
+
+def music(desc: MusicDescription | None) -> common_pb2.MusicDescription | None:
+    if desc is None:
+        return None
+    return common_pb2.MusicDescription(
+        tempo_bpm=desc.tempo_bpm, tempo_confidence=desc.tempo_confidence, beats_seconds=desc.beats_s, key=desc.key,
+        key_confidence=desc.key_confidence,
+        notes=[common_pb2.Note(pitch=n.pitch, start_seconds=n.start_s, end_seconds=n.end_s, velocity=n.velocity)
+               for n in desc.notes],
+        tags=[common_pb2.MusicTag(label=t.label, score=t.score, category=int(t.category)) for t in desc.tags],
+        vocal_segments=[common_pb2.TimeSpan(start_seconds=a, end_seconds=b) for a, b in desc.vocal_segments],
+        embedding=desc.embedding.tolist() if desc.embedding is not None else [], models=desc.models)
+
+
+def stored_music(fields: MusicFields | None) -> common_pb2.MusicDescription | None:
+    """A stored pattern's description (its embedding only when it was fetched)."""
+    if fields is None:
+        return None
+    return common_pb2.MusicDescription(
+        tempo_bpm=fields.tempo_bpm, tempo_confidence=fields.tempo_confidence, key=fields.key,
+        key_confidence=fields.key_confidence,
+        tags=[common_pb2.MusicTag(label=lb, score=sc, category=cat) for lb, sc, cat in fields.tags],
+        vocal_segments=[common_pb2.TimeSpan(start_seconds=a, end_seconds=b) for a, b in fields.vocal_segments],
+        embedding=fields.embedding or [], models=fields.models)
+
+
+def description_of(fields: MusicFields, duration_s: float) -> MusicDescription:
+    """A stored pattern's fields as a description (DescribeAudio of a pattern)."""
+    return MusicDescription(
+        tempo_bpm=fields.tempo_bpm, tempo_confidence=fields.tempo_confidence, key=fields.key,
+        key_confidence=fields.key_confidence,
+        tags=[Tag(lb, sc, Category(cat) if cat in Category._value2member_map_ else Category.OTHER)
+              for lb, sc, cat in fields.tags],
+        vocal_segments=list(fields.vocal_segments), models=fields.models, tag_scores=dict(fields.tag_scores),
+        embedding=np.asarray(fields.embedding, dtype=np.float32) if fields.embedding else None,
+        duration_s=duration_s)
+
+
+def music_query(f: pb.MusicFilter | None) -> MusicQuery | None:
+    """A validated MusicFilter (None when unset or empty)."""
+    if f is None:
+        return None
+    q = MusicQuery.parse(f.min_tempo_bpm, f.max_tempo_bpm, f.key, list(f.tags))
+    return q or None

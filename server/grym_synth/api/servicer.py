@@ -24,12 +24,14 @@ import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from grym_synth.api.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_pb2_grpc as pb_grpc
+from grym_synth.analysis.describe import Describer
 from grym_synth.analysis.service import AnalysisService, StreamConfig, StreamSummary
 from grym_synth.core.audio import Audio, AudioFormat, to_mono_16k
+from grym_synth.memory.music_index import text_to_tags
 from grym_synth.api import convert
 from grym_synth.compose.service import ComposeService, Features, Finished, PlanChosen, new_workflow_id
 from grym_synth.coordinator.base import TokenEvent
-from grym_synth.core.errors import GrymError, InvalidArgument, Unavailable, public_message
+from grym_synth.core.errors import FailedPrecondition, GrymError, InvalidArgument, Unavailable, public_message
 from grym_synth.memory.learning import MAX_CLUSTER_COUNT, MAX_COMMENT_CHARS, detect_clusters, rate_pattern
 from grym_synth.workflow.events import StepCancelled, StepFailed, StepFinished, StepProgress, StepStarted
 from grym_synth.workflow.store import DEFAULT_PAGE_SIZE as DEFAULT_WORKFLOW_PAGE_SIZE
@@ -114,8 +116,9 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
 
     def __init__(self, analysis: AnalysisService, store: PatternStore, admission: AdmissionControl, gate: Gate,
                  metrics: Metrics, generation: GenerationService, compose: ComposeService, *,
-                 write_timeout_s: float = 30.0) -> None:
+                 write_timeout_s: float = 30.0, describer: Describer | None = None) -> None:
         self.analysis = analysis
+        self.describer = describer or Describer()
         self.write_timeout_s = write_timeout_s
         self.generation = generation
         self.compose = compose
@@ -234,6 +237,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             pattern_id=p.id, embedding=p.embedding or [], model=p.model, profile=p.profile,
             duration_seconds=p.duration_s, tags=p.tags, create_time=ts, source=p.source, metadata=p.metadata,
             has_audio=bool(p.audio_sha256), audio_sha256=p.audio_sha256,
+            music=convert.stored_music(p.music),
         )
 
     @staticmethod
@@ -251,14 +255,14 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             result = await self.analysis.analyze(
                 audio, include_features=request.include_features, store=request.store, tags=dict(request.tags),
                 source=request.source or "analyze", metadata=None, deadline=_deadline(context),
-                request_id=scope.request_id,
+                request_id=scope.request_id, music_detail=convert.music_detail(request.music_detail),
             )
             return pb.AnalyzeAudioResponse(
                 request_id=scope.request_id, frames=result.frames, embedding=result.embedding.tolist(),
                 features=self._features(result.features), duration_seconds=result.duration_s,
                 pattern_id=result.pattern.id if result.pattern else "",
                 tags=result.pattern.tags if result.pattern else {}, model=self.store.model,
-                profile=self.store.profile,
+                profile=self.store.profile, music=convert.music(result.music),
             )
 
     async def StreamAnalyze(self, request_iterator: AsyncIterator[pb.StreamAnalyzeRequest],
@@ -279,6 +283,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                 sample_rate_hz=cfg.sample_rate_hz, channels=cfg.channels or 1, encoding=_encoding(cfg.encoding),
                 include_features=cfg.include_features, store=cfg.store, tags=dict(cfg.tags),
                 source=cfg.source or "stream",
+                music_detail=convert.music_detail(cfg.music_detail, "config.music_detail"),
             )
 
             async def chunks() -> AsyncIterator[bytes]:
@@ -296,7 +301,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             return pb.StreamAnalyzeResponse(
                 request_id=request_id, is_final=True, window_index=item.windows, start_seconds=0.0,
                 end_seconds=item.duration_s, frames=item.frames, embedding=item.embedding.tolist(),
-                pattern_id=item.pattern.id if item.pattern else "",
+                pattern_id=item.pattern.id if item.pattern else "", music=convert.music(item.music),
             )
         a = item.analysis  # type: ignore[attr-defined]
         return pb.StreamAnalyzeResponse(
@@ -324,10 +329,12 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     for chunk in _audio_chunks(event, fmt):
                         yield pb.GenerateResponse(request_id=rid, audio=chunk)
                 else:
+                    music = await self.analysis.describe_music(event.samples, deadline=_deadline(context))
                     yield pb.GenerateResponse(request_id=rid, result=pb.GenerateResult(
                         seed=event.seed, duration_seconds=event.duration_s, sample_rate_hz=event.sample_rate_hz,
                         frames=event.frames, embedding=event.embedding.tolist(),
-                        pattern_id=event.pattern.id if event.pattern else "", cached=event.cached))
+                        pattern_id=event.pattern.id if event.pattern else "", cached=event.cached,
+                        music=convert.music(music)))
 
     async def GetPatternAudio(self, request: pb.GetPatternAudioRequest, context: grpc.aio.ServicerContext) -> None:
         await self._write_all(context, self._get_pattern_audio(request, context))
@@ -413,23 +420,70 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
     async def SearchPatterns(self, request: pb.SearchPatternsRequest,
                              context: grpc.aio.ServicerContext) -> pb.SearchPatternsResponse:
         async with self.rpc_scope("SearchPatterns", context, request.request_id) as scope:
-            query = request.WhichOneof("query")
-            exclude = None
-            if query == "embedding":
-                vector = list(request.embedding.values)
-            elif query == "pattern_id":
-                _require_id(request.pattern_id)
-                anchor = await self.store.get(request.pattern_id, include_embedding=True)
-                vector, exclude = anchor.embedding or [], anchor.id
-            else:
-                raise InvalidArgument("a query is required: set embedding or pattern_id")
-            matches = await self.store.search(vector, top_k=request.top_k or DEFAULT_TOP_K,
-                                              tag_filter=dict(request.tag_filter), exclude_id=exclude,
-                                              include_embedding=request.include_embedding)
+            matches = await self._search(request)
             return pb.SearchPatternsResponse(
                 request_id=scope.request_id,
                 matches=[pb.PatternMatch(pattern=self._pattern(m), score=m.score or 0.0) for m in matches],
             )
+
+    async def _search(self, request: pb.SearchPatternsRequest) -> list[PatternRecord]:
+        """The query in its space: text -> tagger labels; a pattern id or embedding -> MUSIC when unset and the
+        pattern (or the embedding's dimension) is in the music space, else WAV2VEC2."""
+        query = request.WhichOneof("query")
+        space = request.space
+        if space not in (pb.SearchPatternsRequest.SPACE_UNSPECIFIED, pb.SearchPatternsRequest.SPACE_MUSIC,
+                         pb.SearchPatternsRequest.SPACE_WAV2VEC2):
+            raise InvalidArgument(f"space {space} is not a SearchPatternsRequest.Space value")
+        music_q = convert.music_query(request.music_filter if request.HasField("music_filter") else None)
+        top_k, tags = request.top_k or DEFAULT_TOP_K, dict(request.tag_filter)
+        common = dict(top_k=top_k, tag_filter=tags, include_embedding=request.include_embedding, music=music_q)
+        use_music = space == pb.SearchPatternsRequest.SPACE_MUSIC
+        if query == "text":
+            if space == pb.SearchPatternsRequest.SPACE_WAV2VEC2:
+                raise InvalidArgument("text queries search the music space; leave space unset or MUSIC")
+            vocabulary = self.analysis.music.vocabulary() if self.analysis.music else ()
+            return await self.store.search_text(text_to_tags(request.text, vocabulary), **common)
+        exclude = None
+        if query == "embedding":
+            vector = list(request.embedding.values)
+            if space == pb.SearchPatternsRequest.SPACE_UNSPECIFIED:
+                use_music = bool(self.store.music_dim) and len(vector) == self.store.music_dim != self.store.dim
+        elif query == "pattern_id":
+            _require_id(request.pattern_id)
+            anchor = await self.store.get(request.pattern_id, include_embedding=True)
+            exclude = anchor.id
+            if space == pb.SearchPatternsRequest.SPACE_UNSPECIFIED:
+                use_music = bool(anchor.music and anchor.music.embedding)
+            if use_music and not (anchor.music and anchor.music.embedding):
+                raise InvalidArgument(f"pattern {anchor.id} has no music embedding; search it in WAV2VEC2 space")
+            vector = (anchor.music.embedding if use_music and anchor.music else anchor.embedding) or []
+        else:
+            raise InvalidArgument("a query is required: set embedding, pattern_id or text")
+        if use_music:
+            return await self.store.search_music(vector, exclude_id=exclude, **common)
+        return await self.store.search(vector, exclude_id=exclude, **common)
+
+    async def DescribeAudio(self, request: pb.DescribeAudioRequest,
+                            context: grpc.aio.ServicerContext) -> pb.DescribeAudioResponse:
+        async with self.rpc_scope("DescribeAudio", context, request.request_id) as scope:
+            source = request.WhichOneof("source")
+            if source == "audio":
+                audio = self._audio(request.audio)
+                music = await self.analysis.describe_music(audio.samples, deadline=_deadline(context))
+                samples = audio.samples
+            elif source == "pattern_id":
+                _require_id(request.pattern_id)
+                record = await self.store.get(request.pattern_id)
+                samples = None
+                music = convert.description_of(record.music, record.duration_s) if record.music else None
+            else:
+                raise InvalidArgument("a source is required: set audio or pattern_id")
+            if music is None:
+                raise FailedPrecondition("no music description is available: the pattern was stored without one"
+                                         if source == "pattern_id" else "the server runs without music analysis")
+            caption = await self.describer.describe(samples, music)
+            return pb.DescribeAudioResponse(request_id=scope.request_id, caption=caption.text,
+                                            music=convert.music(music.summary()), describer=caption.describer)
 
     async def GetPattern(self, request: pb.GetPatternRequest,
                          context: grpc.aio.ServicerContext) -> pb.GetPatternResponse:
@@ -448,8 +502,10 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
     async def ListPatterns(self, request: pb.ListPatternsRequest,
                            context: grpc.aio.ServicerContext) -> pb.ListPatternsResponse:
         async with self.rpc_scope("ListPatterns", context, request.request_id) as scope:
-            page, token = await self.store.list(page_size=request.page_size or DEFAULT_PAGE_SIZE,
-                                                page_token=request.page_token, tag_filter=dict(request.tag_filter))
+            page, token = await self.store.list(
+                page_size=request.page_size or DEFAULT_PAGE_SIZE, page_token=request.page_token,
+                tag_filter=dict(request.tag_filter),
+                music=convert.music_query(request.music_filter if request.HasField("music_filter") else None))
             return pb.ListPatternsResponse(request_id=scope.request_id, patterns=[self._pattern(p) for p in page],
                                            next_page_token=token)
 

@@ -284,7 +284,10 @@ async def fetch_embeddings(store: PatternStore, *, max_patterns: int = MAX_CLUST
     for start in range(0, len(ids), FETCH_BATCH):
         records.extend(await store.get_many(ids[start:start + FETCH_BATCH], include_embedding=True))
     records.sort(key=lambda r: r.id)
-    return [r for r in records if r.embedding]
+    records = [r for r in records if r.embedding]
+    for start in range(0, len(records), FETCH_BATCH):  # the music descriptors label the clusters
+        await store.attach_music(records[start:start + FETCH_BATCH])
+    return records
 
 
 async def detect_clusters(store: PatternStore, k: int | None = None, *, feedback: FeedbackStore | None = None,
@@ -403,7 +406,7 @@ def silhouette(distances: np.ndarray, labels: np.ndarray) -> float:
 
 def _describe_cluster(index: int, members: list[PatternRecord], vectors: np.ndarray, centroid: np.ndarray,
                       ratings: Mapping[str, RatingSummary]) -> Cluster:
-    top_tags = _common_tags(members)
+    top_tags = {**_common_tags(members), **_common_music(members)}
     tag_terms = {w for v in top_tags.values() for w in keywords_all(v)}
     words = _common_words(members, exclude=tag_terms)
     terms = [v for t in top_tags.values() for v in t.split(",")] + words
@@ -415,6 +418,25 @@ def _describe_cluster(index: int, members: list[PatternRecord], vectors: np.ndar
         member_ids=[m.id for m in members], top_tags=top_tags, top_words=words,
         cohesion=round(float(np.mean(vectors @ centroid)), 6), mean_rating=(total / count) if count else None,
         rating_count=count)
+
+
+def _common_music(members: Sequence[PatternRecord], *, share: float = 0.5) -> dict[str, str]:
+    """The members' shared music descriptors: the key and the top tagger label at least half of them have, and
+    their median tempo ("music.key", "music.tag", "music.tempo_bpm"); nothing for patterns without descriptors."""
+    music = [m.music for m in members if m.music is not None]
+    if not music or len(music) < share * len(members):
+        return {}
+    out: dict[str, str] = {}
+    for name, values in (("music.key", [f.key for f in music if f.key]),
+                         ("music.tag", [f.tags[0][0] for f in music if f.tags])):
+        if values:
+            value, n = Counter(values).most_common(1)[0]
+            if n >= share * len(members):
+                out[name] = value
+    tempos = [f.tempo_bpm for f in music if f.tempo_bpm > 0]
+    if len(tempos) >= share * len(members):
+        out["music.tempo_bpm"] = f"{float(np.median(tempos)):.0f}"
+    return out
 
 
 def _common_tags(members: Sequence[PatternRecord], *, share: float = 0.5, limit: int = 3) -> dict[str, str]:

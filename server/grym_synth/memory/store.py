@@ -34,6 +34,8 @@ import numpy as np
 
 from grym_synth.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from grym_synth.core.resilience import AsyncBreaker
+from grym_synth.memory.music_index import (MUSIC_SCALARS, MUSIC_SUFFIX, MusicFields, MusicQuery,
+                                           create_music_collection, text_score)
 
 if TYPE_CHECKING:
     from grym_synth.memory.audio_store import AudioStore
@@ -81,6 +83,7 @@ class PatternRecord:
     metadata: dict[str, str] = field(default_factory=dict)
     embedding: list[float] | None = None
     score: float | None = None
+    music: MusicFields | None = None  # the music descriptors (and trained embedding when asked); None: never analysed
 
     @property
     def audio_sha256(self) -> str:
@@ -207,14 +210,18 @@ class PatternStore:
 
     def __init__(self, uri: str, *, dim: int, model: str, profile: str, collection_prefix: str = "grym_patterns",
                  token: str | None = None, breaker: AsyncBreaker | None = None,
-                 recall_index: RecallIndex | None = None, audio_store: AudioStore | None = None) -> None:
+                 recall_index: RecallIndex | None = None, audio_store: AudioStore | None = None,
+                 music_dim: int = 0) -> None:
         self.uri = uri
+        # The trained tagger's embedding size; 0: no music models, no companion collection (memory/music_index.py).
+        self.music_dim = music_dim
         self.token = token
         self.dim = dim
         self.model = model
         self.profile = profile
         self.collection_prefix = collection_prefix.replace("-", "_")
         self.collection = f"{collection_prefix}_{model}_{profile}".replace("-", "_")
+        self.music_collection = self.collection + MUSIC_SUFFIX
         self._client: Any = None
         self._lock = threading.Lock()  # milvus-lite's local engine is not safe for concurrent writers
         self.ready = False
@@ -253,13 +260,15 @@ class PatternStore:
             exists = self._client.has_collection(self.collection)
             if not exists:
                 if not self.is_local:  # (a local store was checked before it was opened)
-                    others = [c for c in self._client.list_collections() if c.startswith(self.collection_prefix)]
+                    others = [c for c in self._client.list_collections()
+                              if c.startswith(self.collection_prefix) and not c.endswith(MUSIC_SUFFIX)]
                     self._refuse_if_missing(history, bool(others), f"Milvus has no {self.collection_prefix}_* "
                                                                    "collection")
                 self._create_collection()
             else:
                 self._check_dimension()
             self._client.load_collection(self.collection)
+            self._open_music()
             count = self.count_sync()
         except (PatternStoreError, InvalidArgument):
             raise
@@ -287,10 +296,24 @@ class PatternStore:
         root = Path(self.uri)
         coll = root / "collections" / self.collection
         if not coll.exists():
-            others = [d for d in (root / "collections").glob(f"{self.collection_prefix}_*") if d.is_dir()]
+            # (a music companion collection alone does not make a store: its patterns are gone)
+            others = [d for d in (root / "collections").glob(f"{self.collection_prefix}_*")
+                      if d.is_dir() and not d.name.endswith(MUSIC_SUFFIX)]
             self._refuse_if_missing(history, bool(others), f"the pattern store {root} "
                                     f"{'does not exist' if not root.exists() else 'holds no pattern collection'}")
             return
+        problems = self._local_problems(coll)
+        music = root / "collections" / self.music_collection
+        if self.music_dim and music.exists():  # the descriptors are checked like the patterns
+            problems += self._local_problems(music)
+        if problems:
+            raise PatternStoreDamaged(f"the pattern store {root} is damaged: {'; '.join(problems)}. It was not opened "
+                                      "(milvus-lite would serve it as fewer patterns and delete the data files its "
+                                      "manifest no longer lists); restore it from a backup")
+
+    @staticmethod
+    def _local_problems(coll: Path) -> list[str]:
+        """What is wrong with one milvus-lite collection directory's files (empty: nothing)."""
         problems: list[str] = []
         manifest = coll / "manifest.json"
         data: Any = None
@@ -320,10 +343,7 @@ class PatternStore:
                      if f not in known and isinstance(current, int) and (_max_seq(f) or 0) > current]
             if newer:
                 problems.append(f"{len(newer)} data file(s) hold rows newer than its manifest: {', '.join(newer[:3])}")
-        if problems:
-            raise PatternStoreDamaged(f"the pattern store {root} is damaged: {'; '.join(problems)}. It was not opened "
-                                      "(milvus-lite would serve it as fewer patterns and delete the data files its "
-                                      "manifest no longer lists); restore it from a backup")
+        return problems
 
     def _create_collection(self) -> None:
         from pymilvus import DataType, MilvusClient
@@ -343,16 +363,27 @@ class PatternStore:
         index.add_index(field_name="embedding", index_type="FLAT", metric_type="COSINE")
         self._client.create_collection(self.collection, schema=schema, index_params=index)
 
-    def _check_dimension(self) -> None:
-        desc = self._client.describe_collection(self.collection)
+    def _check_dimension(self, collection: str | None = None, expected: int | None = None) -> None:
+        collection, expected = collection or self.collection, expected or self.dim
+        desc = self._client.describe_collection(collection)
         for f in desc.get("fields", []):
             if f.get("name") == "embedding":
-                dim = int(f.get("params", {}).get("dim", self.dim))
-                if dim != self.dim:
+                dim = int(f.get("params", {}).get("dim", expected))
+                if dim != expected:
                     raise PatternStoreError(
-                        f"collection {self.collection} holds {dim}-dimensional embeddings but the served model "
-                        f"produces {self.dim}; use another --collection-prefix or data dir"
+                        f"collection {collection} holds {dim}-dimensional embeddings but the served model "
+                        f"produces {expected}; use another --collection-prefix or data dir"
                     )
+
+    def _open_music(self) -> None:
+        """The companion collection of music descriptors (created beside an existing store: nothing migrates)."""
+        if not self.music_dim:
+            return
+        if not self._client.has_collection(self.music_collection):
+            create_music_collection(self._client, self.music_collection, self.music_dim)
+        else:
+            self._check_dimension(self.music_collection, self.music_dim)
+        self._client.load_collection(self.music_collection)
 
     def close(self) -> None:
         client, self._client = self._client, None
@@ -404,7 +435,8 @@ class PatternStore:
 
     # --- operations ---------------------------------------------------------------------------------------------
     async def insert(self, embedding: Sequence[float], *, duration_s: float, tags: Mapping[str, str], source: str,
-                     metadata: Mapping[str, str] | None = None, audio: np.ndarray | None = None) -> PatternRecord:
+                     metadata: Mapping[str, str] | None = None, audio: np.ndarray | None = None,
+                     music: MusicFields | None = None) -> PatternRecord:
         """Store a pattern; with ``audio`` (16 kHz mono samples) and an audio store, its audio too: the file is
         written first and named in the metadata, so a stored pattern never references audio that is not there, and
         a failed insert removes the file again unless another pattern uses it."""
@@ -412,19 +444,21 @@ class PatternStore:
 
         meta = {k: v for k, v in (metadata or {}).items() if k != AUDIO_SHA_KEY}  # the key is the server's alone
         if audio is None or self.audio_store is None:
-            return await self._insert(embedding, duration_s=duration_s, tags=tags, source=source, meta=meta)
+            return await self._insert(embedding, duration_s=duration_s, tags=tags, source=source, meta=meta,
+                                      music=music)
         self.check_vector(embedding)
         validate_tags(tags)
         async with self.audio_store.lock:
             meta[AUDIO_SHA_KEY] = await self.audio_store.put(audio)
             try:
-                return await self._insert(embedding, duration_s=duration_s, tags=tags, source=source, meta=meta)
+                return await self._insert(embedding, duration_s=duration_s, tags=tags, source=source, meta=meta,
+                                          music=music)
             except BaseException:
                 await asyncio.shield(self._collect_audio(meta[AUDIO_SHA_KEY]))
                 raise
 
     async def _insert(self, embedding: Sequence[float], *, duration_s: float, tags: Mapping[str, str], source: str,
-                      meta: dict[str, str]) -> PatternRecord:
+                      meta: dict[str, str], music: MusicFields | None = None) -> PatternRecord:
         vector = self.check_vector(embedding)
         tags = validate_tags(tags)
         if len(json.dumps(meta)) > MAX_META_BYTES:
@@ -435,7 +469,17 @@ class PatternStore:
         )
         row = {**{k: getattr(record, k) for k in ("id", "model", "profile", "duration_s", "tags", "created_at_us",
                                                    "source", "metadata")}, "embedding": vector}
-        await self._run(lambda: self._client.insert(self.collection, [row]))
+        with_music = music is not None and self.music_dim > 0
+        if with_music:  # the descriptors first: a pattern row exists only with them (memory/music_index.py)
+            await self._run(lambda: self._client.insert(self.music_collection,
+                                                        [music.row(record.id, self.music_dim)]))  # type: ignore
+        try:
+            await self._run(lambda: self._client.insert(self.collection, [row]))
+        except BaseException:
+            if with_music:
+                await self._drop_orphan_music(record.id)
+            raise
+        record.music = music if with_music else None
         if self.recall_index is not None:
             self.recall_index.add(record)
         return record
@@ -446,7 +490,9 @@ class PatternStore:
         rows = await self._run(lambda: self._client.get(self.collection, ids=[pattern_id], output_fields=fields))
         if not rows:
             raise NotFound(f"pattern {pattern_id!r} does not exist")
-        return PatternRecord.from_row(rows[0])
+        record = PatternRecord.from_row(rows[0])
+        await self.attach_music([record], include_embedding=include_embedding)
+        return record
 
     async def delete(self, pattern_id: str) -> None:
         """Delete a pattern, and its audio file when no other pattern references it (GC by reference query)."""
@@ -457,6 +503,8 @@ class PatternStore:
             if not rows:
                 return None
             self._client.delete(self.collection, ids=[pattern_id])
+            if self.music_dim:
+                self._client.delete(self.music_collection, ids=[pattern_id])
             return PatternRecord.from_row(rows[0])
 
         if self.audio_store is None:
@@ -495,13 +543,20 @@ class PatternStore:
         return record, await self.audio_store.get(record.audio_sha256, pattern_id=pattern_id)
 
     async def search(self, vector: Sequence[float], *, top_k: int, tag_filter: Mapping[str, str] | None = None,
-                     exclude_id: str | None = None, include_embedding: bool = False) -> list[PatternRecord]:
+                     exclude_id: str | None = None, include_embedding: bool = False,
+                     music: MusicQuery | None = None) -> list[PatternRecord]:
+        """Nearest patterns in the Wav2Vec2 space; ``music`` restricts them to patterns whose descriptors pass."""
         vec = self.check_vector(vector)
         if not 1 <= top_k <= MAX_TOP_K:
             raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
         clauses = [tag_filter_expr(tag_filter)] if tag_filter else []
         if exclude_id:
             clauses.append(f"id != {quote(check_pattern_id(exclude_id, 'exclude_id'))}")
+        if music:
+            ids = await self._music_ids(music.expr())
+            if not ids:
+                return []
+            clauses.append(_id_in(ids))
         expr = " and ".join(clauses)
         rows = await self._run(lambda: self._client.search(
             self.collection, data=[vec], limit=top_k, filter=expr, output_fields=SCALAR_FIELDS,
@@ -512,7 +567,110 @@ class PatternStore:
             full = {p.id: p for p in await self.get_many([p.id for p in found], include_embedding=True)}
             for p in found:
                 p.embedding = full[p.id].embedding if p.id in full else None
+                p.music = full[p.id].music if p.id in full else None
+        else:
+            await self.attach_music(found)
         return found
+
+    # --- music (the companion collection; see memory/music_index.py) ------------------------------------------------
+    def check_music_vector(self, vector: Sequence[float], what: str = "embedding") -> list[float]:
+        if not self.music_dim:
+            raise InvalidArgument("the music space is not available: the server runs without the music models")
+        if len(vector) != self.music_dim:
+            raise InvalidArgument(f"{what} has {len(vector)} dimensions; the music space uses {self.music_dim}")
+        arr = np.asarray(vector, dtype=np.float32)
+        if not np.isfinite(arr).all() or not np.any(arr):
+            raise InvalidArgument(f"{what} contains NaN or infinite values, or is all zeros")
+        return arr.tolist()
+
+    async def _drop_orphan_music(self, pattern_id: str) -> None:
+        """Remove the descriptors of a pattern whose own row was not written. Best effort: an orphan that stays
+        (the disk is full) is never shown, because every music query maps its ids through the patterns
+        collection."""
+        try:
+            await self._run(lambda: self._client.delete(self.music_collection, ids=[pattern_id]))
+        except Exception as exc:
+            log.warning("descriptors of the unwritten pattern %s stay behind (harmless): %s", pattern_id, exc)
+
+    async def attach_music(self, records: Sequence[PatternRecord], *, include_embedding: bool = False) -> None:
+        if not self.music_dim or not records:
+            return
+        fields = MUSIC_SCALARS + (["embedding"] if include_embedding else [])
+        ids = [r.id for r in records]
+        rows = await self._run(lambda: self._client.get(self.music_collection, ids=ids, output_fields=fields))
+        by_id = {str(r["id"]): MusicFields.from_row(r) for r in rows}
+        for r in records:
+            r.music = by_id.get(r.id)
+
+    async def _music_ids(self, expr: str) -> list[str]:
+        if not self.music_dim:
+            return []
+        return [str(r["id"]) for r in await self._run(lambda: self._iterate_in(self.music_collection, expr, ["id"]))]
+
+    async def search_music(self, vector: Sequence[float], *, top_k: int, tag_filter: Mapping[str, str] | None = None,
+                           exclude_id: str | None = None, include_embedding: bool = False,
+                           music: MusicQuery | None = None) -> list[PatternRecord]:
+        """Nearest patterns by the trained tagger's embedding ("sounds similar")."""
+        vec = self.check_music_vector(vector)
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
+        clauses = ["has_embedding == true"] + ([music.expr()] if music else [])
+        if exclude_id:
+            clauses.append(f"id != {quote(check_pattern_id(exclude_id, 'exclude_id'))}")
+        if tag_filter:
+            expr = tag_filter_expr(tag_filter)
+            ids = [str(r["id"]) for r in await self._run(lambda: self._iterate(expr, ["id"]))]
+            if not ids:
+                return []
+            clauses.append(_id_in(ids))
+        expr = " and ".join(c for c in clauses if c)
+        rows = await self._run(lambda: self._client.search(
+            self.music_collection, data=[vec], limit=top_k, filter=expr, output_fields=["id"],
+            search_params={"metric_type": "COSINE"}))
+        hits = [(str(r.get("entity", r)["id"]), float(r["distance"])) for r in (rows[0] if rows else [])]
+        return await self._ranked([(i, d) for i, d in hits], include_embedding)
+
+    async def search_text(self, labels: Sequence[str], *, top_k: int, tag_filter: Mapping[str, str] | None = None,
+                          music: MusicQuery | None = None, include_embedding: bool = False) -> list[PatternRecord]:
+        """Patterns whose top tags name any of ``labels``, ranked by the mean tagger score of the labels (the
+        match's score, in [0, 1])."""
+        if not 1 <= top_k <= MAX_TOP_K:
+            raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
+        if not self.music_dim:
+            raise InvalidArgument("text search needs the music models, which this server does not run")
+        any_label = f"array_contains_any(music_tags, [{', '.join(quote(lb) for lb in labels)}])"
+        expr = " and ".join([any_label] + ([music.expr()] if music else []))
+        rows = await self._run(lambda: self._iterate_in(self.music_collection, expr, MUSIC_SCALARS))
+        scored = sorted(((text_score(MusicFields.from_row(r), labels), str(r["id"])) for r in rows),
+                        key=lambda x: (-x[0], x[1]))
+        if tag_filter:
+            expr = tag_filter_expr(tag_filter)
+            allowed = {str(r["id"]) for r in await self._run(lambda: self._iterate(expr, ["id"]))}
+            scored = [x for x in scored if x[1] in allowed]
+        return await self._ranked([(i, s) for s, i in scored[:top_k]], include_embedding)
+
+    async def _ranked(self, hits: Sequence[tuple[str, float]], include_embedding: bool) -> list[PatternRecord]:
+        """Records in ``hits`` order with their scores (ids the patterns collection no longer has are dropped)."""
+        if not hits:
+            return []
+        records = {p.id: p for p in await self.get_many([i for i, _ in hits], include_embedding=include_embedding)}
+        await self.attach_music(list(records.values()), include_embedding=include_embedding)
+        out = []
+        for pattern_id, score in hits:
+            if pattern_id in records:
+                records[pattern_id].score = score
+                out.append(records[pattern_id])
+        return out
+
+    def _iterate_in(self, collection: str, expr: str, fields: list[str]) -> list[dict[str, Any]]:
+        it = self._client.query_iterator(collection, batch_size=4096, filter=expr, output_fields=fields)
+        out: list[dict[str, Any]] = []
+        try:
+            while batch := it.next():
+                out.extend(batch)
+        finally:
+            it.close()
+        return out
 
     async def get_many(self, ids: Sequence[str], *, include_embedding: bool = False) -> list[PatternRecord]:
         if not ids:
@@ -523,19 +681,28 @@ class PatternStore:
         return await self._run(lambda: _records(self._client.get(self.collection, ids=list(ids),
                                                                  output_fields=fields)))
 
-    async def list(self, *, page_size: int, page_token: str = "",
-                   tag_filter: Mapping[str, str] | None = None) -> tuple[list[PatternRecord], str]:
+    async def list(self, *, page_size: int, page_token: str = "", tag_filter: Mapping[str, str] | None = None,
+                   music: MusicQuery | None = None) -> tuple[list[PatternRecord], str]:
         """Newest first. Milvus has no ORDER BY, so ids and timestamps of the matching rows are sorted here;
         that is O(matching rows) of two scalar columns per page, fine for a single host's pattern memory."""
         if not 1 <= page_size <= MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size must be 1..{MAX_PAGE_SIZE}, got {page_size}")
         expr = tag_filter_expr(tag_filter) if tag_filter else ""
+        if music:
+            expr = " and ".join(filter(None, [expr, f"music:{music.expr()}"]))  # the token's filter identity
         offset = _decode_page_token(page_token, expr) if page_token else 0
-        keys = await self._run(lambda: self._all_keys(expr))
+        main_expr = tag_filter_expr(tag_filter) if tag_filter else ""
+        if music:
+            ids = await self._music_ids(music.expr())
+            if not ids:
+                return [], ""
+            main_expr = " and ".join(filter(None, [main_expr, _id_in(ids)]))
+        keys = await self._run(lambda: self._all_keys(main_expr))
         keys.sort(key=lambda r: (-int(r["created_at_us"]), str(r["id"])))
         page_ids = [str(r["id"]) for r in keys[offset: offset + page_size]]
         records = {p.id: p for p in await self.get_many(page_ids)}
         page = [records[i] for i in page_ids if i in records]
+        await self.attach_music(page)
         next_offset = offset + page_size
         return page, (_encode_page_token(next_offset, expr) if next_offset < len(keys) else "")
 
@@ -575,6 +742,11 @@ class PatternStore:
 
     async def all_ids(self) -> list[str]:
         return [str(r["id"]) for r in await self._run(lambda: self._all_keys(""))]
+
+
+def _id_in(ids: Sequence[str]) -> str:
+    """``id in [...]`` over ids this store issued, each checked and quoted."""
+    return f"id in [{', '.join(quote(check_pattern_id(i, 'id')) for i in ids)}]"
 
 
 def _records(rows: Sequence[Mapping[str, Any]]) -> list[PatternRecord]:
