@@ -51,7 +51,7 @@ STRUCTURE_WORDS = frozenset({"build", "builds", "building", "buildup", "climax",
                              "intro", "outro", "verse", "chorus", "bridge", "drop", "breakdown", "crescendo",
                              "piece", "section", "sections", "loud", "quiet", "ending", "swell", "out"})
 _DYNAMICS = re.compile(r"\bslow[- ]?build(?:ing)?\b|\bslowly\s+build(?:s|ing)?\b", re.I)
-_STEPS = re.compile(r"\b(\d{1,3})\s*(?:denoising\s+|diffusion\s+)?steps\b", re.I)
+_STEPS = re.compile(r"\b(\d{1,3})\s*(?:denoising\s+|diffusion\s+)?steps?\b", re.I)
 _SEED = re.compile(r"\bseed\s*[:=#]?\s*(\d{1,19})\b", re.I)
 _LIKE_PATTERN = re.compile(r"\blike\s+pattern\s+#?([A-Za-z0-9][A-Za-z0-9_-]{0,63})", re.I)
 _LIKE_ID = re.compile(r"\blike\s+#?([A-Za-z0-9][A-Za-z0-9_-]{0,63})", re.I)
