@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_CHARS = 4000
 CHUNK_BYTES = 256 * 1024
+SECTION_PART_S = 60.0  # longest stretch of a section in one ComposeSectionAudio (16-bit WAV: 1.9 MB)
 RECALL_TOP_K = 5
 CLUSTER_TTL_S = 60.0
 CLUSTER_LINES = 5
@@ -388,19 +389,24 @@ class ComposeService:
         if moved or joiner.placed != placed:
             yield progress.event()
         for index in finals:
-            yield await asyncio.to_thread(self._section_ready, joiner, index)
+            for part in await asyncio.to_thread(self._section_ready, joiner, index):
+                yield part
 
-    def _section_ready(self, joiner: PieceJoiner, index: int) -> SectionReady:
+    def _section_ready(self, joiner: PieceJoiner, index: int) -> list[SectionReady]:
         """A final section, mastered with the provisional gain: the loudness of everything final so far, shifted by
-        how much louder the whole plan is than that part (see mastering.predicted_gain_db)."""
-        end = joiner.bounds[index + 1]
-        gain = predicted_gain_db(joiner.audio_so_far(), TARGET_RATE_HZ, joiner.planned_db(end), joiner.planned_db(),
-                                 self.mastering)
-        audio = apply_gain(joiner.section_audio(index), TARGET_RATE_HZ, gain, self.mastering)
-        section = joiner.plan.sections[index]
+        how much louder the whole plan is than that part (see mastering.predicted_gain_db). A section longer than
+        SECTION_PART_S is sent as consecutive parts (same index and name, each a complete file with its own
+        start/end), so that every message stays far below the gRPC message limit."""
         rate = TARGET_RATE_HZ
-        return SectionReady(index, section.name, joiner.bounds[index] / rate, end / rate,
-                            encode_output(audio, rate), rate, gain)
+        start, end = joiner.bounds[index], joiner.bounds[index + 1]
+        gain = predicted_gain_db(joiner.audio_so_far(), rate, joiner.planned_db(end), joiner.planned_db(),
+                                 self.mastering)
+        audio = apply_gain(joiner.section_audio(index), rate, gain, self.mastering)
+        name = joiner.plan.sections[index].name
+        parts = max(1, math.ceil((end - start) / (SECTION_PART_S * rate)))
+        edges = np.linspace(0, end - start, parts + 1).round().astype(int)
+        return [SectionReady(index, name, (start + a) / rate, (start + b) / rate, encode_output(audio[a:b], rate),
+                             rate, gain) for a, b in zip(edges, edges[1:])]
 
 
 def new_workflow_id() -> str:
