@@ -121,7 +121,7 @@ def test_cancel_mid_piece_stops_the_unet_and_stores_nothing(client: Client, trit
     assert unet_count(triton) == before
     record = client.get_workflow(workflow_id)
     assert not record.pattern_ids
-    assert not client.list_patterns(tag_filter={"cancel_test": tag}), "nothing of the piece was stored"
+    assert not list(client.list_patterns(tag_filter={"cancel_test": tag})), "nothing of the piece was stored"
 
 
 def test_30_second_25_step_generate_succeeds_without_tripping_a_breaker(client: Client) -> None:
