@@ -72,6 +72,7 @@ def check_piece(events: list[pb.ComposeResponse], seconds: float) -> None:
     assert progress[-1].elapsed_seconds > 0
 
 
+@pytest.mark.timeout(1200)
 def test_90_second_piece_with_sections(client: Client) -> None:
     events = compose(client, "90 second ambient piece, rain, slow build, 2 steps", 0)
     check_piece(events, 90.0)
@@ -80,6 +81,7 @@ def test_90_second_piece_with_sections(client: Client) -> None:
     assert names == ["intro", "build", "climax", "outro"] and '"curve": "rise"' in plan.plan_json
 
 
+@pytest.mark.timeout(1800)
 def test_four_minute_piece(client: Client) -> None:
     events = compose(client, "calm piano piece, fade out, 1 step", 240.0)
     check_piece(events, 240.0)
@@ -124,6 +126,7 @@ def test_cancel_mid_piece_stops_the_unet_and_stores_nothing(client: Client, trit
     assert not list(client.list_patterns(tag_filter={"cancel_test": tag})), "nothing of the piece was stored"
 
 
+@pytest.mark.timeout(1800)  # 30 s of audio x 25 steps: about 3 minutes of CPU with the tiny profile
 def test_30_second_25_step_generate_succeeds_without_tripping_a_breaker(client: Client) -> None:
     events = list(client.generate("slow ambient pad", seconds=30, steps=25, seed=5, timeout_s=1200))
     result = events[-1].result
