@@ -262,6 +262,7 @@ class App:
             feedback=self.feedback, rules=RuleBasedPlanner(window=window),
             max_tokens=s.coordinator_max_tokens,
             mastering=MasterSettings(target_lufs=s.compose_target_lufs, true_peak_dbtp=s.compose_true_peak_dbtp),
+            windows_in_flight=s.compose_windows_in_flight,
         )
         self.compose = compose
         self.admission = AdmissionControl(s.max_concurrent_requests, s.method_limit_map, metrics=self.metrics)

@@ -133,6 +133,11 @@ class Settings(BaseSettings):
         1.0, ge=0.1, le=4, description="Overlap of neighbouring windows of a composed piece, crossfaded (equal power, "
                                        "loudness matched); must be under half of compose_window_s."
     )
+    compose_windows_in_flight: int = Field(
+        4, ge=0, description="Generations one Compose runs at once (within max_concurrent_generations), started in "
+                             "the piece's order: on CPU, where batching is not free, the first section is heard "
+                             "sooner; 0: every window at once."
+    )
     compose_target_lufs: float = Field(-14.0, ge=-40, le=-5, description="Integrated loudness a composed piece is "
                                                                         "mastered to (ITU-R BS.1770, LUFS).")
     compose_true_peak_dbtp: float = Field(-1.0, ge=-12, le=0, description="Ceiling of a composed piece's true "

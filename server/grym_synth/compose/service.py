@@ -168,12 +168,33 @@ class ProgressTracker:
 
 # --- executors: plan steps on the real models -------------------------------------------------------------------------
 class GenerateExecutor:
-    """generate / vary: AudioLDM on Triton; denoising progress becomes step progress."""
+    """generate / vary: AudioLDM on Triton; denoising progress becomes step progress.
 
-    def __init__(self, generation: GenerationService) -> None:
+    ``in_flight`` bounds the generations one workflow has running (besides the shared generation slots): its
+    windows start in plan order, so on a device where batching is not free (CPU) the first section is final
+    after a few windows instead of after all of them — time to first audio — while up to that many still batch."""
+
+    def __init__(self, generation: GenerationService, in_flight: int = 0) -> None:
         self.generation = generation
+        self.in_flight = in_flight
+        self._limits: dict[str, tuple[asyncio.Semaphore, int]] = {}
 
     async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        if not self.in_flight:
+            return await self._run(step, inputs, ctx)
+        sem, users = self._limits.get(ctx.workflow_id, (asyncio.Semaphore(self.in_flight), 0))
+        self._limits[ctx.workflow_id] = (sem, users + 1)
+        try:
+            async with sem:
+                return await self._run(step, inputs, ctx)
+        finally:
+            sem, users = self._limits[ctx.workflow_id]
+            if users <= 1:
+                del self._limits[ctx.workflow_id]
+            else:
+                self._limits[ctx.workflow_id] = (sem, users - 1)
+
+    async def _run(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         q = inputs["params"]
         params = validate(str(q["prompt"]), str(q.get("negative_prompt") or ""), float(q["duration_s"]),
                           int(q["steps"]), float(q["guidance_scale"]), int(q["seed"]), str(q["scheduler"]),
@@ -237,7 +258,8 @@ class ComposeService:
                  generation: GenerationService, analysis: AnalysisService, patterns: PatternStore,
                  workflows: WorkflowStore, feedback: FeedbackStore, rules: RuleBasedPlanner,
                  max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = GENERATION_DEFAULTS["temperature"],
-                 top_p: float = GENERATION_DEFAULTS["top_p"], mastering: MasterSettings | None = None) -> None:
+                 top_p: float = GENERATION_DEFAULTS["top_p"], mastering: MasterSettings | None = None,
+                 windows_in_flight: int = 0) -> None:
         self.coordinator = coordinator
         self.breaker = breaker
         self.patterns = patterns
@@ -253,7 +275,7 @@ class ComposeService:
         self._clusters_at = float("-inf")
         self._clusters_task: asyncio.Task[None] | None = None
         analyze = AnalyzeExecutor(analysis)
-        generate = GenerateExecutor(generation)
+        generate = GenerateExecutor(generation, windows_in_flight)
         self.engine = WorkflowEngine({
             "generate": generate, "vary": generate, "analyze": analyze,
             "store": TaggingStoreExecutor(patterns, analyze=analyze.embed, request_tags=self.request_tags),
