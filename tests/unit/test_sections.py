@@ -153,3 +153,12 @@ def test_coordinator_sections_are_stretched_to_the_requested_length() -> None:
     fallback = choose_plan(old_style, "90 second piano", [], RuleBasedPlanner(), duration_s=90.0)
     assert fallback.planner == "rules" and "no sections" in (fallback.fallback_reason or "")
     assert choose_plan(old_style, "piano", [], RuleBasedPlanner()).planner == "coordinator"
+
+
+def test_plan_without_sections_checks_its_duration_and_keeps_concatenation() -> None:
+    steps = [{"id": "g", "type": "generate", "params": {"prompt": "p", "duration_s": 5}}]
+    with pytest.raises(InvalidArgument, match="finite"):
+        validate_plan({"version": 1, "intent": "x", "duration_s": math.nan, "steps": steps})
+    plan = validate_plan({"version": 1, "intent": "x", "steps": steps})
+    assert plan.sections == () and plan.duration_s is None and plan.output == ("g",)
+    assert "sections" not in plan.to_dict()
