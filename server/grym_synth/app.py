@@ -45,6 +45,8 @@ from grym_synth.memory.store import PatternStore
 from grym_synth.core.cache import LruCache
 from grym_synth.memory.learning import FeedbackStore
 from grym_synth.planning.rules import RuleBasedPlanner
+from grym_synth.planning.sections import WindowSpec
+from grym_synth.compose.mastering import MasterSettings
 from grym_synth.memory.recall_index import RecallIndex
 from grym_synth.core.resilience import AdmissionControl, AsyncBreaker, MemoryBudget, RetryPolicy
 from grym_synth.workflow.store import open_workflow_store
@@ -246,7 +248,8 @@ class App:
             music=MusicAnalyzer(self.music_models) if s.music_analysis else None,
         )
         # The audioldm model's limits and CLAP tokenizer, once: Generate refuses what the model would refuse.
-        use_generation_limits(load_generation_limits(s.profile, s.repository_dir, s.audioldm_weights_dir))
+        limits = use_generation_limits(load_generation_limits(s.profile, s.repository_dir, s.audioldm_weights_dir))
+        window = WindowSpec(min(s.compose_window_s, s.max_generate_seconds, limits.max_duration_s), s.compose_overlap_s)
         generation = GenerationService(
             self.triton, analysis, self.store, profile=s.profile, max_duration_s=s.max_generate_seconds,
             cache=LruCache("generation", max_entries=s.cache_max_entries, max_bytes=s.cache_max_bytes,
@@ -260,8 +263,10 @@ class App:
             breaker=AsyncBreaker("coordinator", fail_max=s.breaker_fail_max, reset_timeout_s=s.breaker_reset_s,
                                  exclude=[InvalidArgument], metrics=self.metrics),
             generation=generation, analysis=analysis, patterns=self.store, workflows=self.workflows,
-            feedback=self.feedback, rules=RuleBasedPlanner(max_duration_s=s.max_generate_seconds * 10),
+            feedback=self.feedback, rules=RuleBasedPlanner(window=window),
             max_tokens=s.coordinator_max_tokens,
+            mastering=MasterSettings(target_lufs=s.compose_target_lufs, true_peak_dbtp=s.compose_true_peak_dbtp),
+            windows_in_flight=s.compose_windows_in_flight,
         )
         self.compose = compose
         self.admission = AdmissionControl(s.max_concurrent_requests, s.method_limit_map, metrics=self.metrics)

@@ -142,6 +142,24 @@ class Settings(BaseSettings):
     method_limits: str = Field(
         "", description="Per-method concurrency limits overriding the default, e.g. 'AnalyzeAudio=32,Generate=4'."
     )
+    compose_window_s: float = Field(
+        10.0, gt=1, le=30, description="Longest model window of a composed piece (AudioLDM was trained on ~10 s clips); "
+                                      "longer sections are several overlapping windows. Capped at max_generate_seconds "
+                                      "and the audioldm model's max_duration_s."
+    )
+    compose_overlap_s: float = Field(
+        1.0, ge=0.1, le=4, description="Overlap of neighbouring windows of a composed piece, crossfaded (equal power, "
+                                       "loudness matched); must be under half of compose_window_s."
+    )
+    compose_windows_in_flight: int = Field(
+        4, ge=0, description="Generations one Compose runs at once (within max_concurrent_generations), started in "
+                             "the piece's order: on CPU, where batching is not free, the first section is heard "
+                             "sooner; 0: every window at once."
+    )
+    compose_target_lufs: float = Field(-14.0, ge=-40, le=-5, description="Integrated loudness a composed piece is "
+                                                                        "mastered to (ITU-R BS.1770, LUFS).")
+    compose_true_peak_dbtp: float = Field(-1.0, ge=-12, le=0, description="Ceiling of a composed piece's true "
+                                                                         "(4x oversampled) peak, dBTP.")
     max_concurrent_generations: int = Field(
         8, ge=1, description="AudioLDM generations running at once, Generate and Compose steps together (one shared "
                              "limit: Generate past it is RESOURCE_EXHAUSTED, a Compose's steps wait for a slot)."

@@ -69,7 +69,7 @@ def test_triton_coordinator_streams_tokens_then_falls_back_to_rules(client: Clie
     plan = events[first_plan].plan
     assert plan.planner == pb.ComposePlan.PLANNER_RULES and plan.fallback_reason == "no JSON in the answer"
     steps = json.loads(plan.plan_json)["steps"]
-    assert steps[0]["type"] == "generate" and steps[0]["params"]["duration_s"] == 8.0
+    assert steps[0]["type"] == "generate" and json.loads(plan.plan_json)["duration_s"] == 8.0
     summary = events[-1].summary
     assert summary.state == pb.Workflow.STATE_SUCCEEDED and summary.planner == "rules"
     assert summary.audio_seconds == pytest.approx(8.0, abs=0.1) and len(summary.pattern_ids) == 1

@@ -76,7 +76,7 @@ ERROR_CASES: list[tuple[str, Any, str]] = [
      "step 'x': unknown step type 'compose'; known: analyze, generate, recall, store, vary"),
     ("wrong version", {**plan_with(gen()), "version": 2}, "plan field 'version'"),
     ("missing intent", {"version": 1, "steps": [gen()]}, "'intent' is a required property"),
-    ("no steps", plan_with(), "plan field 'steps'"),
+    ("no steps", plan_with(), "a plan needs 'sections'"),
     ("duration too long", plan_with(gen(duration_s=45)),
      "step 'gen' param 'duration_s' must be 0.5..30, got 45 (longer pieces are several generate steps)"),
     ("duration too short", plan_with(gen(duration_s=0.1)), "step 'gen' param 'duration_s' must be 0.5..30, got 0.1"),
@@ -202,45 +202,47 @@ def audio_steps(plan: Any) -> list[Any]:
     return [s for s in plan.steps if s.type in ("generate", "vary")]
 
 
-@pytest.mark.parametrize(("request_text", "segments", "seconds"), [
-    ("Compose a calm 90 second piano piece", 3, 30.0),
-    ("2 minutes of dark techno", 4, 30.0),
-    ("a 30s dreamy ambient loop", 1, 30.0),
-    ("45 seconds of jazz", 2, 22.5),
-    ("1 minute 30 seconds of 80s synthwave", 3, 30.0),
-    ("half a minute of flute", 1, 30.0),
-    ("1:15 of strings", 3, 25.0),
-    ("an 8s stinger", 1, 8.0),
-    ("happy ukulele tune", 1, 10.0),  # the default duration
+@pytest.mark.parametrize(("request_text", "seconds"), [
+    ("Compose a calm 90 second piano piece", 90.0),
+    ("2 minutes of dark techno", 120.0),
+    ("a 30s dreamy ambient loop", 30.0),
+    ("45 seconds of jazz", 45.0),
+    ("1 minute 30 seconds of 80s synthwave", 90.0),
+    ("half a minute of flute", 30.0),
+    ("1:15 of strings", 75.0),
+    ("an 8s stinger", 8.0),
+    ("happy ukulele tune", 10.0),  # the default duration
 ])
-def test_planner_durations(request_text: str, segments: int, seconds: float) -> None:
+def test_planner_durations(request_text: str, seconds: float) -> None:
     plan = RuleBasedPlanner().plan(request_text, [])
+    assert plan.duration_s == pytest.approx(seconds, abs=1e-9)
+    assert sum(s.duration_s for s in plan.sections) == pytest.approx(seconds, abs=1e-9)
     gens = audio_steps(plan)
-    assert len(gens) == segments
-    assert all(s.params["duration_s"] == seconds for s in gens)
-    assert plan.output == tuple(s.id for s in gens)
+    assert plan.output == tuple(s.id for s in gens) == tuple(w.step_id for s in plan.sections for w in s.windows)
+    assert all(s.params["duration_s"] <= 10.0 for s in gens), "every window fits the model window"
     assert plan.planner == "rules"
 
 
 def test_planner_clamps_very_long_requests() -> None:
-    plan = RuleBasedPlanner(max_duration_s=120).plan("10 minutes of drone", [])
-    assert len(audio_steps(plan)) == 4
-    assert "clamped from 600 s" in plan.intent
+    plan = RuleBasedPlanner(max_duration_s=120).plan("20 minutes of drone", [])
+    assert plan.duration_s == pytest.approx(120)
+    assert "clamped from 1200 s" in plan.intent
 
 
 def test_planner_builds_prompt_from_mood_tempo_instruments() -> None:
     plan = RuleBasedPlanner().plan("a calm, dreamy ambient piece with piano and strings at 72 bpm, no drums", [])
-    g = plan.step("gen").params
-    assert g["prompt"] == "calm, dreamy ambient music with piano and strings, 72 BPM"
+    assert plan.sections[0].prompt == "calm, dreamy ambient music with piano and strings, 72 BPM"
+    g = plan.step("s1-w1").params
+    assert g["prompt"].startswith(plan.sections[0].prompt)
     assert "drums" in g["negative_prompt"]
-    tags = plan.step("store").params["tags"]
+    tags = plan.step("store-1").params["tags"]
     assert tags["mood"] == "calm,dreamy" and tags["instruments"] == "piano,strings" and tags["tempo_bpm"] == "72"
-    slow = RuleBasedPlanner().plan("slow melancholic cello", []).step("gen").params["prompt"]
+    slow = RuleBasedPlanner().plan("slow melancholic cello", []).sections[0].prompt
     assert slow == "melancholic music with cello, slow tempo"
 
 
 def test_planner_keeps_unrecognised_content_words() -> None:
-    prompt = RuleBasedPlanner().plan("dreamy ambient with rain and vinyl crackle", []).step("gen").params["prompt"]
+    prompt = RuleBasedPlanner().plan("dreamy ambient with rain and vinyl crackle", []).sections[0].prompt
     assert prompt == "dreamy ambient music, rain vinyl crackle"
 
 
@@ -258,9 +260,11 @@ def test_planner_seeds_are_deterministic_and_distinct() -> None:
     c = planner.plan("90 seconds of calm guitar", [])
     seeds_a = [s.params["seed"] for s in audio_steps(a)]
     assert seeds_a == [s.params["seed"] for s in audio_steps(b)]
-    assert seeds_a[1] == seeds_a[0] + 1 and seeds_a[2] == seeds_a[0] + 2, "segments get consecutive seeds"
+    assert len(set(seeds_a)) == len(seeds_a), "every window draws its own noise"
+    first = a.sections[0].windows
+    assert a.step(first[1].step_id).params["seed"] == a.step(first[0].step_id).params["seed"] + 1
     assert seeds_a[0] != audio_steps(c)[0].params["seed"]
-    assert planner.plan("piano, seed 42", []).step("gen").params["seed"] == 42
+    assert planner.plan("piano, seed 42", []).step("s1-w1").params["seed"] == 42
 
 
 def test_planner_like_pattern_recalls_and_varies() -> None:
@@ -299,13 +303,13 @@ def test_planner_reuses_settings_of_recalled_patterns() -> None:
         PatternRecord(id="b", model="m", profile="tiny", duration_s=5, tags={}, created_at_us=0, source="t",
                       metadata={"steps": "40", "guidance_scale": "3.5", "scheduler": "dpm"}),
     ]
-    g = RuleBasedPlanner().plan("calm piano", recalled).step("gen").params
-    assert (g["steps"], g["guidance_scale"], g["scheduler"]) == (40, 3.5, "dpm")
+    g = RuleBasedPlanner().plan("calm piano", recalled).step("s1-w1").params
+    assert g["steps"] == 40
 
 
 def test_planner_without_store_results() -> None:
     plan = RuleBasedPlanner(store_results=False).plan("calm piano", [])
-    assert [s.type for s in plan.steps] == ["generate"]
+    assert {s.type for s in plan.steps} == {"generate"}
 
 
 def test_plan_instructions_come_from_the_schema() -> None:
@@ -336,7 +340,7 @@ def test_choose_plan_falls_back_with_a_reason(answer: str | None, error: str | N
     plan = choose_plan(answer, "90 seconds of calm piano", [], RuleBasedPlanner(), coordinator_error=error)
     assert plan.planner == "rules"
     assert plan.fallback_reason is not None and plan.fallback_reason.startswith(reason)
-    assert len(audio_steps(plan)) == 3
+    assert plan.duration_s == pytest.approx(90.0)
 
 
 def test_planning_limits_are_read_from_the_published_schema() -> None:

@@ -29,7 +29,8 @@ from grym_synth.analysis.service import AnalysisService, StreamConfig, StreamSum
 from grym_synth.core.audio import Audio, AudioFormat, to_mono_16k
 from grym_synth.memory.music_index import text_to_tags
 from grym_synth.api import convert
-from grym_synth.compose.service import ComposeService, Features, Finished, PlanChosen, new_workflow_id
+from grym_synth.compose.service import (ComposeService, Features, Finished, PieceProgress, PlanChosen,
+                                        SectionReady, new_workflow_id)
 from grym_synth.coordinator.base import TokenEvent
 from grym_synth.core.errors import FailedPrecondition, GrymError, InvalidArgument, Unavailable, public_message
 from grym_synth.memory.learning import MAX_CLUSTER_COUNT, MAX_COMMENT_CHARS, detect_clusters, rate_pattern
@@ -359,7 +360,8 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             step_types: dict[str, str] = {}
             events = self.compose.compose(
                 request.request, max_tokens=request.max_tokens, seed=request.seed if request.HasField("seed") else None,
-                tags=dict(request.tags), deadline=_deadline(context), request_id=rid, workflow_id=wid)
+                tags=dict(request.tags), deadline=_deadline(context), request_id=rid, workflow_id=wid,
+                duration_s=request.duration_seconds)
             async with contextlib.aclosing(events) as stream:
                 async for event in stream:
                     if isinstance(event, PlanChosen):
@@ -554,6 +556,14 @@ def _compose_message(event: object, step_types: dict[str, str]) -> pb.ComposeRes
                                                               duration_seconds=event.duration_s))
     if isinstance(event, Finished):
         return pb.ComposeResponse(summary=convert.workflow(event.record))
+    if isinstance(event, SectionReady):
+        return pb.ComposeResponse(section_audio=pb.ComposeSectionAudio(
+            section_index=event.index, name=event.name, start_seconds=event.start_s, end_seconds=event.end_s,
+            data=event.data, sample_rate_hz=event.sample_rate_hz, format=common_pb2.AUDIO_FORMAT_WAV_PCM16))
+    if isinstance(event, PieceProgress):
+        return pb.ComposeResponse(progress=pb.ComposeProgress(done=event.done, total=event.total,
+                                                              elapsed_seconds=event.elapsed_s,
+                                                              eta_seconds=event.eta_s))
     return None
 
 

@@ -8,7 +8,9 @@ Order of a Compose call (the seed design's "Model Orchestrator"):
   3. take its JSON plan when it validates, else the rule-based plan with the reason (garbage, stall, outage);
   4. run the plan as a DAG on the real executors (AudioLDM on Triton, Wav2Vec2 on Triton, Milvus) with the
      workflow engine persisting every transition;
-  5. stream features, the composition's audio, and the final workflow record.
+  5. stream features, each section's audio as soon as it is final (:mod:`grym_synth.compose.longform` joins the
+     windows of a sectioned plan), progress over the whole piece, the mastered piece
+     (:mod:`grym_synth.compose.mastering`), and the final workflow record.
 Cancellation or the deadline cancels the coordinator stream and every running step.
 """
 
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import math
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,27 +29,33 @@ from typing import Any
 import numpy as np
 
 from grym_synth.analysis.service import AnalysisService
-from grym_synth.core.audio import TARGET_RATE_HZ, to_mono_16k
+from grym_synth.compose.longform import PieceJoiner
+from grym_synth.compose.mastering import MasterSettings, apply_gain, master, predicted_gain_db
+from grym_synth.core.audio import TARGET_RATE_HZ, encode_wav, to_mono_16k
 from grym_synth.coordinator.base import CoordinatorBackend, TokenEvent
 from grym_synth.core.errors import Cancelled, DeadlineExceeded, GrymError, InvalidArgument
 from grym_synth.generation.service import (DEFAULT_INIT_STRENGTH, AudioData, GenerationService, InitSpec, Progress,
-                                          validate, wav_chunks)
+                                          validate)
 from grym_synth.inference.export.coordinator import DEFAULT_MAX_TOKENS, GENERATION_DEFAULTS, MAX_TOKENS_LIMIT
 from grym_synth.memory.learning import FeedbackStore, detect_clusters, recall_for_request
 from grym_synth.memory.store import PatternRecord, PatternStore, validate_tags
 from grym_synth.planning.choose import choose_plan
 from grym_synth.planning.plan import Plan, Step
+from grym_synth.planning.schema import MAX_PIECE_S, MIN_PIECE_S
 from grym_synth.planning.prompt import plan_instructions
 from grym_synth.planning.rules import RuleBasedPlanner
 from grym_synth.core.resilience import AsyncBreaker
 from grym_synth.workflow.engine import WorkflowEngine
-from grym_synth.workflow.events import StepFinished, WorkflowCancelled, WorkflowEvent, WorkflowFailed, WorkflowFinished
+from grym_synth.workflow.events import (StepFinished, StepProgress, WorkflowCancelled, WorkflowEvent, WorkflowFailed,
+                                        WorkflowFinished)
 from grym_synth.workflow.executors import RecallExecutor, StepContext, StoreExecutor
 from grym_synth.workflow.store import WorkflowRecord, WorkflowStore
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_CHARS = 4000
+CHUNK_BYTES = 256 * 1024
+SECTION_PART_S = 60.0  # longest stretch of a section in one ComposeSectionAudio (16-bit WAV: 1.9 MB)
 RECALL_TOP_K = 5
 CLUSTER_TTL_S = 60.0
 CLUSTER_LINES = 5
@@ -88,14 +97,105 @@ class Finished:
     record: WorkflowRecord
 
 
+@dataclass
+class SectionReady:
+    """A section whose audio is final: one complete file, mastered with the provisional gain ``gain_db``."""
+
+    index: int
+    name: str
+    start_s: float
+    end_s: float
+    data: bytes
+    sample_rate_hz: int
+    gain_db: float
+
+
+@dataclass
+class PieceProgress:
+    """Work units of the whole piece: denoising steps of every window, the joins, and the master."""
+
+    done: int
+    total: int
+    elapsed_s: float
+    eta_s: float
+
+
+def encode_output(samples: np.ndarray, rate: int) -> bytes:
+    """The one place where Compose turns samples into a file: 16-bit WAV here (the output_format of issue 9 plugs
+    in here)."""
+    return encode_wav(samples, rate)
+
+
+def validate_duration(value: float) -> float | None:
+    """ComposeRequest.duration_seconds: 0 means "from the request text"; else finite and within the piece limits."""
+    if value == 0:
+        return None
+    if not math.isfinite(value) or not MIN_PIECE_S <= value <= MAX_PIECE_S:
+        raise InvalidArgument(f"duration_seconds must be {MIN_PIECE_S:g} to {MAX_PIECE_S:g} seconds (0: the length the "
+                              f"request text asks for, or the default), got {value}")
+    return float(value)
+
+
+class ProgressTracker:
+    """Whole-piece progress from the window steps' denoising progress, the joins and the master."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.t0 = time.monotonic()
+        windows = {w.step_id for s in plan.sections for w in s.windows}
+        self.totals = {s.id: int(s.params.get("steps", 1)) for s in plan.steps if s.id in windows}
+        self.steps: dict[str, int] = dict.fromkeys(self.totals, 0)
+        self.joins = max(0, len(windows) - 1)
+        self.joined = 0
+        self.mastered = 0
+        self.total = sum(self.totals.values()) + self.joins + 1
+
+    @property
+    def done(self) -> int:
+        return sum(self.steps.values()) + self.joined + self.mastered
+
+    def step(self, step_id: str, done: int) -> bool:
+        """Record a window's progress; True when it moved."""
+        if step_id not in self.steps or done <= self.steps[step_id]:
+            return False
+        self.steps[step_id] = min(done, self.totals[step_id])
+        return True
+
+    def event(self) -> PieceProgress:
+        elapsed = time.monotonic() - self.t0
+        done = self.done
+        eta = elapsed * (self.total - done) / done if done else 0.0
+        return PieceProgress(done, self.total, round(elapsed, 3), round(eta, 3))
+
+
 # --- executors: plan steps on the real models -------------------------------------------------------------------------
 class GenerateExecutor:
-    """generate / vary: AudioLDM on Triton; denoising progress becomes step progress."""
+    """generate / vary: AudioLDM on Triton; denoising progress becomes step progress.
 
-    def __init__(self, generation: GenerationService) -> None:
+    ``in_flight`` bounds the generations one workflow has running (besides the shared generation slots): its
+    windows start in plan order, so on a device where batching is not free (CPU) the first section is final
+    after a few windows instead of after all of them — time to first audio — while up to that many still batch."""
+
+    def __init__(self, generation: GenerationService, in_flight: int = 0) -> None:
         self.generation = generation
+        self.in_flight = in_flight
+        self._limits: dict[str, tuple[asyncio.Semaphore, int]] = {}
 
     async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
+        if not self.in_flight:
+            return await self._run(step, inputs, ctx)
+        sem, users = self._limits.get(ctx.workflow_id, (asyncio.Semaphore(self.in_flight), 0))
+        self._limits[ctx.workflow_id] = (sem, users + 1)
+        try:
+            async with sem:
+                return await self._run(step, inputs, ctx)
+        finally:
+            sem, users = self._limits[ctx.workflow_id]
+            if users <= 1:
+                del self._limits[ctx.workflow_id]
+            else:
+                self._limits[ctx.workflow_id] = (sem, users - 1)
+
+    async def _run(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         q = inputs["params"]
         params = validate(str(q["prompt"]), str(q.get("negative_prompt") or ""), float(q["duration_s"]),
                           int(q["steps"]), float(q["guidance_scale"]), int(q["seed"]), str(q["scheduler"]),
@@ -171,7 +271,8 @@ class ComposeService:
                  generation: GenerationService, analysis: AnalysisService, patterns: PatternStore,
                  workflows: WorkflowStore, feedback: FeedbackStore, rules: RuleBasedPlanner,
                  max_tokens: int = DEFAULT_MAX_TOKENS, temperature: float = GENERATION_DEFAULTS["temperature"],
-                 top_p: float = GENERATION_DEFAULTS["top_p"]) -> None:
+                 top_p: float = GENERATION_DEFAULTS["top_p"], mastering: MasterSettings | None = None,
+                 windows_in_flight: int = 0) -> None:
         self.coordinator = coordinator
         self.breaker = breaker
         self.patterns = patterns
@@ -181,12 +282,13 @@ class ComposeService:
         self.max_tokens = max_tokens
         self.temperature = temperature
         self.top_p = top_p
+        self.mastering = mastering or MasterSettings()
         self.request_tags: dict[str, dict[str, str]] = {}
         self._clusters_text = ""
         self._clusters_at = float("-inf")
         self._clusters_task: asyncio.Task[None] | None = None
         analyze = AnalyzeExecutor(analysis)
-        generate = GenerateExecutor(generation)
+        generate = GenerateExecutor(generation, windows_in_flight)
         self.engine = WorkflowEngine({
             "generate": generate, "vary": generate, "analyze": analyze,
             "store": TaggingStoreExecutor(patterns, analyze=analyze.embed, request_tags=self.request_tags),
@@ -253,10 +355,11 @@ class ComposeService:
             transcript["error"].append(exc.message)
 
     async def compose(self, request: str, *, max_tokens: int, seed: int | None, tags: Mapping[str, str],
-                      deadline: float | None, request_id: str,
-                      workflow_id: str) -> AsyncIterator[TokenEvent | PlanChosen | WorkflowEvent | Features |
-                                                         AudioData | Finished]:
+                      deadline: float | None, request_id: str, workflow_id: str,
+                      duration_s: float = 0.0) -> AsyncIterator[TokenEvent | PlanChosen | WorkflowEvent | Features |
+                                                                AudioData | Finished | SectionReady | PieceProgress]:
         self.validate(request, max_tokens, tags)
+        duration = validate_duration(duration_s)
         recalled = await recall_for_request(self.patterns, self.feedback, request, RECALL_TOP_K)
         transcript: dict[str, list[str]] = {"thinking": [], "answer": [], "error": []}
         async for token in self._coordinate(request, recalled, max_tokens=max_tokens or self.max_tokens, seed=seed,
@@ -264,7 +367,7 @@ class ComposeService:
             yield token
         answer = "".join(transcript["answer"]) if not transcript["error"] else None
         plan = choose_plan(answer, request, recalled, self.rules,
-                           coordinator_error="; ".join(transcript["error"]) or None)
+                           coordinator_error="; ".join(transcript["error"]) or None, duration_s=duration)
         yield PlanChosen(plan, list(recalled))
         self.request_tags[workflow_id] = dict(tags)
         try:
@@ -275,10 +378,12 @@ class ComposeService:
 
     async def _run(self, plan: Plan, request: str, request_id: str, deadline: float | None, workflow_id: str,
                    transcript: dict[str, list[str]]) -> AsyncIterator[WorkflowEvent | Features | AudioData |
-                                                                      Finished]:
+                                                                      Finished | SectionReady | PieceProgress]:
         run = await self.engine.start(plan, request_text=request, request_id=request_id, deadline=deadline,
                                       thinking="".join(transcript["thinking"]),
                                       answer="".join(transcript["answer"]), workflow_id=workflow_id)
+        joiner = PieceJoiner(plan, TARGET_RATE_HZ, self.mastering) if plan.sections else None
+        progress = ProgressTracker(plan) if plan.sections else None
         final: WorkflowEvent | None = None
         async for event in run.events():
             yield event
@@ -286,13 +391,57 @@ class ComposeService:
                 out = run.outputs.get(event.step_id, {})
                 yield Features(event.step_id, int(out.get("frames", 0)), list(out.get("embedding", [])),
                                float(out.get("duration_s", 0.0)))
+            if joiner is not None and progress is not None:
+                async for item in self._piece_event(event, run.outputs, joiner, progress):
+                    yield item
             if isinstance(event, (WorkflowFinished, WorkflowFailed, WorkflowCancelled)):
                 final = event
         if isinstance(final, WorkflowFinished):
-            pieces = [np.asarray(out["audio"], dtype=np.float32) for _, out in run.audio() if "audio" in out]
-            if pieces:
-                yield AudioData(wav_chunks(np.concatenate(pieces), TARGET_RATE_HZ), TARGET_RATE_HZ)
+            if joiner is not None and progress is not None:
+                samples = await asyncio.to_thread(lambda: master(joiner.piece(), TARGET_RATE_HZ, self.mastering)[0])
+                progress.mastered = 1
+                yield progress.event()
+            else:
+                pieces = [np.asarray(out["audio"], dtype=np.float32) for _, out in run.audio() if "audio" in out]
+                samples = (await asyncio.to_thread(master, np.concatenate(pieces), TARGET_RATE_HZ, self.mastering))[0] \
+                    if pieces else None
+            if samples is not None:
+                data = await asyncio.to_thread(encode_output, samples, TARGET_RATE_HZ)
+                yield AudioData([data[i: i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)], TARGET_RATE_HZ)
         yield Finished(await self.workflows.get(workflow_id))
+
+    async def _piece_event(self, event: WorkflowEvent, outputs: Mapping[str, Mapping[str, Any]], joiner: PieceJoiner,
+                           progress: ProgressTracker) -> AsyncIterator[SectionReady | PieceProgress]:
+        """Whole-piece progress, and the audio of every section that a finished window made final."""
+        if isinstance(event, StepProgress) and progress.step(event.step_id, event.done):
+            yield progress.event()
+        if not (isinstance(event, StepFinished) and event.step_id in progress.totals):
+            return
+        moved = progress.step(event.step_id, progress.totals[event.step_id])  # a cached window reports no steps
+        placed = joiner.placed
+        finals = joiner.add(event.step_id, outputs[event.step_id]["audio"])
+        progress.joined = max(0, joiner.placed - 1)
+        if moved or joiner.placed != placed:
+            yield progress.event()
+        for index in finals:
+            for part in await asyncio.to_thread(self._section_ready, joiner, index):
+                yield part
+
+    def _section_ready(self, joiner: PieceJoiner, index: int) -> list[SectionReady]:
+        """A final section, mastered with the provisional gain: the loudness of everything final so far, shifted by
+        how much louder the whole plan is than that part (see mastering.predicted_gain_db). A section longer than
+        SECTION_PART_S is sent as consecutive parts (same index and name, each a complete file with its own
+        start/end), so that every message stays far below the gRPC message limit."""
+        rate = TARGET_RATE_HZ
+        start, end = joiner.bounds[index], joiner.bounds[index + 1]
+        gain = predicted_gain_db(joiner.audio_so_far(), rate, joiner.planned_db(end), joiner.planned_db(),
+                                 self.mastering)
+        audio = apply_gain(joiner.section_audio(index), rate, gain, self.mastering)
+        name = joiner.plan.sections[index].name
+        parts = max(1, math.ceil((end - start) / (SECTION_PART_S * rate)))
+        edges = np.linspace(0, end - start, parts + 1).round().astype(int)
+        return [SectionReady(index, name, (start + a) / rate, (start + b) / rate, encode_output(audio[a:b], rate),
+                             rate, gain) for a, b in zip(edges, edges[1:])]
 
 
 def new_workflow_id() -> str:

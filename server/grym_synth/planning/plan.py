@@ -4,9 +4,11 @@ A plan is a small DAG of steps (generate, analyze, store, recall, vary) that the
 (:mod:`grym_synth.workflow.engine`) runs. Plans are built only by :func:`grym_synth.planning.validation.validate_plan`,
 so a :class:`Plan` is always valid.
 
-Long pieces: one generate step renders at most ``schema.MAX_SEGMENT_S`` (30 s, AudioLDM's memory and quality limit; the
-schema's bound). Longer pieces are several generate steps; ``Plan.output`` lists them in order and the caller
-concatenates their audio.
+Pieces: a plan with ``sections`` (intro, build, climax, outro, ...) describes music of any length (0.5 s - 10 min).
+Validation lays each section out as overlapping model windows (:mod:`grym_synth.planning.sections`) and adds one
+generate step per window (ids ``s<section>-w<window>``); the compose layer joins their audio seamlessly and masters
+the piece. Plans without sections keep the older form: generate/vary steps of at most ``schema.MAX_SEGMENT_S`` (30 s)
+whose audio, in ``Plan.output`` order, is concatenated.
 """
 
 from __future__ import annotations
@@ -94,6 +96,47 @@ class Step:
         return out
 
 
+CURVES: tuple[str, ...] = ("steady", "rise", "fall", "swell")
+SECTION_DEFAULTS: dict[str, Any] = {"intensity": 0.6, "curve": "steady"}
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model window of a section: generate step ``step_id`` renders ``render_s`` seconds, of which the first
+    ``core_s`` are its own part of the piece and the rest overlaps the next window (crossfaded)."""
+
+    step_id: str
+    core_s: float
+    render_s: float
+
+
+@dataclass(frozen=True)
+class Section:
+    """A validated section of a piece; ``windows`` are the generate steps that render it, in order."""
+
+    name: str
+    prompt: str
+    duration_s: float
+    intensity: float
+    curve: str
+    windows: tuple[Window, ...]
+    negative_prompt: str = ""
+    steps: int | None = None
+    seed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Schema form (the windows are derived from it again when the plan is validated)."""
+        out: dict[str, Any] = {"name": self.name, "prompt": self.prompt, "duration_s": self.duration_s,
+                               "intensity": self.intensity, "curve": self.curve}
+        if self.negative_prompt:
+            out["negative_prompt"] = self.negative_prompt
+        if self.steps is not None:
+            out["steps"] = self.steps
+        if self.seed is not None:
+            out["seed"] = self.seed
+        return out
+
+
 @dataclass(frozen=True)
 class Plan:
     """A validated plan plus where it came from (``planner``) and why the coordinator's was not used."""
@@ -104,6 +147,13 @@ class Plan:
     version: int = PLAN_VERSION
     planner: PlannerName = "rules"
     fallback_reason: str | None = None
+    sections: tuple[Section, ...] = ()
+    overlap_s: float = 0.0  # crossfade length between windows of a sectioned plan
+
+    @property
+    def duration_s(self) -> float | None:
+        """Length of a sectioned piece (None for plans of concatenated steps)."""
+        return sum(s.duration_s for s in self.sections) if self.sections else None
 
     def step(self, step_id: str) -> Step:
         for s in self.steps:
@@ -116,8 +166,12 @@ class Plan:
 
     def to_dict(self) -> dict[str, Any]:
         """The plan as schema-valid JSON (the planner fields live beside it, in the workflow record)."""
-        return {"version": self.version, "intent": self.intent, "steps": [s.to_dict() for s in self.steps],
-                "output": list(self.output)}
+        out: dict[str, Any] = {"version": self.version, "intent": self.intent,
+                               "steps": [s.to_dict() for s in self.steps], "output": list(self.output)}
+        if self.sections:
+            out["duration_s"] = round(float(self.duration_s or 0.0), 6)
+            out["sections"] = [s.to_dict() for s in self.sections]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 from grym_synth.core.text import FILLER
 from grym_synth.planning.plan import wrap_seed
-from grym_synth.planning.schema import MAX_PROMPT_CHARS, MAX_PROMPT_SUFFIX_CHARS
+from grym_synth.planning.schema import MAX_PROMPT_CHARS, MAX_PROMPT_SUFFIX_CHARS, MAX_STEPS
 
 MOODS = ("calm", "dark", "happy", "sad", "melancholic", "melancholy", "energetic", "uplifting", "dreamy",
          "aggressive", "peaceful", "mysterious", "epic", "chill", "relaxing", "relaxed", "tense", "romantic",
@@ -46,6 +46,12 @@ _WORD_DURATION = re.compile(
     re.I)
 _CLOCK = re.compile(r"\b(\d{1,2}):([0-5]\d)\b")
 _BPM = re.compile(r"\b(\d{2,3})\s*-?\s*bpm\b", re.I)
+# Words about structure and dynamics (the planner turns them into sections and curves, not prompt words).
+STRUCTURE_WORDS = frozenset({"build", "builds", "building", "buildup", "climax", "finale", "fade", "fades", "fading",
+                             "intro", "outro", "verse", "chorus", "bridge", "drop", "breakdown", "crescendo",
+                             "piece", "section", "sections", "loud", "quiet", "ending", "swell", "out"})
+_DYNAMICS = re.compile(r"\bslow[- ]?build(?:ing)?\b|\bslowly\s+build(?:s|ing)?\b", re.I)
+_STEPS = re.compile(r"\b(\d{1,3})\s*(?:denoising\s+|diffusion\s+)?steps?\b", re.I)
 _SEED = re.compile(r"\bseed\s*[:=#]?\s*(\d{1,19})\b", re.I)
 _LIKE_PATTERN = re.compile(r"\blike\s+pattern\s+#?([A-Za-z0-9][A-Za-z0-9_-]{0,63})", re.I)
 _LIKE_ID = re.compile(r"\blike\s+#?([A-Za-z0-9][A-Za-z0-9_-]{0,63})", re.I)
@@ -68,6 +74,7 @@ class RequestFeatures:
     pattern_id: str | None = None
     seed: int | None = None
     strength: float | None = None
+    steps: int | None = None  # "in 10 denoising steps": a quick draft
     extra_words: tuple[str, ...] = ()
 
     @property
@@ -84,11 +91,13 @@ def parse_request(text: str, known_ids: Iterable[str] = ()) -> RequestFeatures:
     instruments = tuple(i for i in _find_terms(lowered, INSTRUMENTS) if i not in excluded)
     tempo_bpm, tempo_word = _find_tempo(lowered)
     seed_match = _SEED.search(text)
+    steps_match = _STEPS.search(text)
     features = RequestFeatures(
         duration_s=duration, moods=_find_terms(lowered, MOODS), genres=_find_terms(lowered, GENRES),
         instruments=instruments, excluded=excluded, tempo_bpm=tempo_bpm, tempo_word=tempo_word, era=_find_era(text),
         pattern_id=pattern_id, seed=wrap_seed(int(seed_match.group(1))) if seed_match else None,
         strength=_find_strength(lowered),
+        steps=min(max(int(steps_match.group(1)), 1), MAX_STEPS) if steps_match else None,
     )
     return replace(features, extra_words=_extra_words(text, spans, features))
 
@@ -174,6 +183,7 @@ def _find_excluded(lowered: str) -> tuple[str, ...]:
 
 
 def _find_tempo(lowered: str) -> tuple[int | None, str | None]:
+    lowered = _DYNAMICS.sub(" ", lowered)  # "slow build" is about dynamics, not tempo
     if (m := _BPM.search(lowered)) and 30 <= int(m.group(1)) <= 300:
         return int(m.group(1)), None
     for word, bpm in TEMPO_WORDS:
@@ -196,9 +206,10 @@ def _extra_words(text: str, spans: Sequence[tuple[int, int]], f: RequestFeatures
     text = _LIKE_PATTERN.sub(" ", text)
     if f.pattern_id:
         text = text.replace(f.pattern_id, " ")
-    text = _SEED.sub(" ", _BPM.sub(" ", text))
+    text = _SEED.sub(" ", _BPM.sub(" ", _STEPS.sub(" ", text)))
     known = set(" ".join(f.moods + f.genres + f.instruments + f.excluded + MOODS + GENRES + INSTRUMENTS).split())
     known |= {w for w, _ in TEMPO_WORDS} | {w for p, _ in STRENGTH_WORDS for w in p.split()} | {"no", "without"}
+    known |= STRUCTURE_WORDS
     words = [w for w in re.findall(r"[a-z][a-z'-]*", text.lower())
              if w not in FILLER and w not in known and w.rstrip("s") not in known and len(w) > 2]
     return tuple(dict.fromkeys(words))[:8]

@@ -1,15 +1,19 @@
 """The rule-based planner: the fallback when the coordinator is down, slow, or writes an invalid plan.
 
-A request longer than one segment is *split* into equal segments of at most ``MAX_SEGMENT_S`` (90 s -> 3 x 30 s),
-each with its own seed (base seed + segment index). Requests beyond ``max_duration_s`` (default 300 s) are clamped,
-and the plan's intent says so.
+A request for new music becomes a *piece of sections* (see :func:`piece_sections`): one section up to 12 s, else intro
+/ body / outro, or intro / build / climax / outro when the request asks for a build, or the section names the request
+lists ("intro, verse, chorus, outro"); "slow build", "fade in/out" and "loud climax" become the sections' intensity
+curves. Validation lays sections out as model windows. Lengths come from ComposeRequest.duration_seconds, else the
+text ("90 second", "4 minutes", "1:30"), else the default; beyond ``max_duration_s`` (600 s) they are clamped and the
+intent says so. A variation of a stored pattern keeps the older form: vary steps of at most ``MAX_SEGMENT_S``.
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from grym_synth.memory.store import MAX_TAG_VALUE, PatternRecord
@@ -17,9 +21,41 @@ from grym_synth.planning.plan import (AUDIO_STEPS, GENERATE_DEFAULTS, PLAN_VERSI
                                       wrap_seed)
 from grym_synth.planning.request import (RequestFeatures, build_prompt, negative_prompt, parse_request,
                                          variation_suffix)
-from grym_synth.planning.schema import (MAX_GUIDANCE, MAX_INTENT_CHARS, MAX_SEGMENT_S, MAX_STEPS, MIN_SEGMENT_S,
+from grym_synth.planning.schema import (MAX_GUIDANCE, MAX_INTENT_CHARS, MAX_PIECE_S, MAX_PROMPT_CHARS, MAX_SEGMENT_S,
+                                        MAX_STEPS, MIN_SEGMENT_S,
                                         SCHEDULERS)
-from grym_synth.planning.validation import validate_plan
+from grym_synth.planning.sections import WindowSpec, split_durations
+from grym_synth.planning.validation import DEFAULT_WINDOW, validate_plan
+
+# (name, share of the piece, intensity, curve, words added to the prompt) per section template.
+SectionTemplate = tuple[str, float, float, str, str]
+SINGLE: tuple[SectionTemplate, ...] = (("main", 1.0, 0.7, "steady", ""),)
+PLAIN: tuple[SectionTemplate, ...] = (
+    ("intro", 0.2, 0.45, "rise", "intro, sparse opening"),
+    ("main", 0.6, 0.7, "steady", ""),
+    ("outro", 0.2, 0.5, "fall", "outro, ending"),
+)
+BUILD: tuple[SectionTemplate, ...] = (
+    ("intro", 0.15, 0.3, "steady", "intro, sparse opening"),
+    ("build", 0.45, 0.75, "rise", "building, growing"),
+    ("climax", 0.25, 0.95, "steady", "climax, full arrangement"),
+    ("outro", 0.15, 0.45, "fall", "outro, ending"),
+)
+# Section names a request may list ("intro, verse, chorus, outro"), with their intensity and prompt words.
+NAMED_SECTIONS: dict[str, tuple[float, str]] = {
+    "intro": (0.4, "intro, sparse opening"), "verse": (0.6, "verse"), "chorus": (0.85, "chorus, full"),
+    "bridge": (0.55, "bridge"), "build": (0.75, "building, growing"), "drop": (1.0, "drop, powerful"),
+    "breakdown": (0.35, "breakdown, stripped back"), "climax": (0.95, "climax, full arrangement"),
+    "outro": (0.45, "outro, ending"),
+}
+SINGLE_SECTION_MAX_S = 12.0  # up to about one model window a request gets one section
+_SECTION_WORD = re.compile(r"\b(" + "|".join(NAMED_SECTIONS) + r")s?\b", re.I)
+_BUILD = re.compile(r"\b(slow[- ]?build(?:ing)?|build(?:s|ing)?(?: up)?|crescendo|rising|swell(?:ing)?)\b", re.I)
+_DYNAMIC_BUILD = re.compile(r"\b(slow(?:ly)?[- ]?build(?:s|ing)?(?: up)?)\b", re.I)
+_FADE_OUT = re.compile(r"\b(fades? out|fading out|fade-out|fade away|dies? away|decrescendo)\b", re.I)
+_FADE_IN = re.compile(r"\b(fades? in|fading in|fade-in)\b", re.I)
+_LOUD_CLIMAX = re.compile(r"\b(loud|big|huge|massive|epic|powerful)\s+(climax|finale|ending|drop)\b", re.I)
+_QUIET = ("calm", "soft", "gentle", "peaceful", "serene", "minimal", "relaxing", "relaxed", "chill")
 
 
 @dataclass(frozen=True)
@@ -29,27 +65,53 @@ class RuleBasedPlanner:
     Every plan it returns went through :func:`validate_plan`, so it obeys the same schema as the coordinator's."""
 
     default_duration_s: float = GENERATE_DEFAULTS["duration_s"]
-    max_duration_s: float = 300.0
+    max_duration_s: float = MAX_PIECE_S
     steps: int = GENERATE_DEFAULTS["steps"]
     guidance_scale: float = GENERATE_DEFAULTS["guidance_scale"]
     scheduler: str = GENERATE_DEFAULTS["scheduler"]
     store_results: bool = True
+    window: WindowSpec = DEFAULT_WINDOW
 
-    def plan(self, request: str, recalled: Sequence[PatternRecord] = ()) -> Plan:
-        """Deterministic: the same request and recalled patterns always give the same plan (and seeds)."""
+    def plan(self, request: str, recalled: Sequence[PatternRecord] = (), *, duration_s: float | None = None) -> Plan:
+        """Deterministic: the same request and recalled patterns always give the same plan (and seeds).
+        ``duration_s`` (ComposeRequest.duration_seconds, validated by the caller) overrides a length in the text."""
         f = parse_request(request, (p.id for p in recalled))
+        if duration_s:
+            f = replace(f, duration_s=float(duration_s))
         duration, clamped = self._duration(f)
-        segments = _split(duration)
         base_seed = f.seed if f.seed is not None else derive_seed(" ".join(request.lower().split()))
+        data: dict[str, Any]
         if f.pattern_id:
-            steps, intent = self._variation_steps(f, segments)
+            steps, intent = self._variation_steps(f, _split(duration))
+            data = {"steps": steps, "output": [s["id"] for s in steps if s["type"] in AUDIO_STEPS]}
         else:
-            steps, intent = self._generation_steps(f, request, segments, base_seed, recalled)
+            data, intent = self._piece(f, request, duration, base_seed, recalled)
         if clamped:
             intent += f" (clamped from {clamped:g} s to the {self.max_duration_s:g} s limit)"
-        data = {"version": PLAN_VERSION, "intent": intent[:MAX_INTENT_CHARS], "steps": steps,
-                "output": [s["id"] for s in steps if s["type"] in AUDIO_STEPS]}
-        return validate_plan(data, planner="rules")
+        data = {"version": PLAN_VERSION, "intent": intent[:MAX_INTENT_CHARS], **data}
+        return validate_plan(data, planner="rules", window=self.window)
+
+    def _piece(self, f: RequestFeatures, request: str, duration: float, base_seed: int,
+               recalled: Sequence[PatternRecord]) -> tuple[dict[str, Any], str]:
+        """Sections (with their prompts, intensities and curves) and, per section, analyze + store of its first
+        window so that pattern memory learns from what was composed."""
+        prompt = build_prompt(f, request)
+        settings = self._settings(recalled)
+        sections = piece_sections(request, f, prompt, duration)
+        for i, section in enumerate(sections):
+            section["seed"] = wrap_seed(base_seed + 1000 * i)
+            section["steps"] = f.steps if f.steps is not None else settings["steps"]
+            section["negative_prompt"] = negative_prompt(f)
+        steps: list[dict[str, Any]] = []
+        if self.store_results:
+            for i, section in enumerate(sections, start=1):
+                steps += [
+                    {"id": f"analyze-{i}", "type": "analyze", "inputs": {"audio": f"s{i}-w1.audio"}},
+                    {"id": f"store-{i}", "type": "store", "inputs": {"from": f"analyze-{i}.embedding"},
+                     "params": {"tags": {**_tags(f, i, len(sections)), "section": section["name"]}}},
+                ]
+        names = "/".join(s["name"] for s in sections)
+        return {"duration_s": duration, "sections": sections, "steps": steps}, f"{duration:g} s: {prompt} ({names})"
 
     def _duration(self, f: RequestFeatures) -> tuple[float, float | None]:
         requested = f.duration_s if f.duration_s is not None else self.default_duration_s
@@ -69,19 +131,6 @@ class RuleBasedPlanner:
             if 1 <= steps <= MAX_STEPS and 0 <= guidance <= MAX_GUIDANCE and scheduler in SCHEDULERS:
                 return {"steps": steps, "guidance_scale": guidance, "scheduler": scheduler}
         return settings
-
-    def _generation_steps(self, f: RequestFeatures, request: str, segments: list[float], base_seed: int,
-                          recalled: Sequence[PatternRecord]) -> tuple[list[dict[str, Any]], str]:
-        prompt = build_prompt(f, request)
-        settings = self._settings(recalled)
-        steps: list[dict[str, Any]] = []
-        for i, seconds in enumerate(segments, start=1):
-            gen_id = f"gen-{i}" if len(segments) > 1 else "gen"
-            steps.append({"id": gen_id, "type": "generate", "params": {
-                "prompt": prompt, "negative_prompt": negative_prompt(f), "duration_s": seconds,
-                "seed": wrap_seed(base_seed + i - 1), **settings}})
-            steps.extend(self._keep_steps(gen_id, f, i, len(segments)))
-        return steps, _intent(f, prompt, segments)
 
     def _variation_steps(self, f: RequestFeatures, segments: list[float]) -> tuple[list[dict[str, Any]], str]:
         steps: list[dict[str, Any]] = [{"id": "recall", "type": "recall",
@@ -142,8 +191,43 @@ def _tags(f: RequestFeatures, index: int, total: int) -> dict[str, str]:
     return tags
 
 
-def _intent(f: RequestFeatures, prompt: str, segments: list[float]) -> str:
-    total = sum(segments)
-    split = f" in {len(segments)} segments of {segments[0]:g} s" if len(segments) > 1 else ""
-    return f"{total:g} s: {prompt}{split}"
+def piece_sections(request: str, f: RequestFeatures, prompt: str, duration: float) -> list[dict[str, Any]]:
+    """The sections of a new piece, in schema form: their names, prompts, durations (adding up to ``duration``
+    exactly), intensities and curves, from what the request says about structure and dynamics."""
+    listed = _LOUD_CLIMAX.sub(" ", _DYNAMIC_BUILD.sub(" ", request))  # "loud climax", "slow build": dynamics
+    named = list(dict.fromkeys(m.group(1).lower() for m in _SECTION_WORD.finditer(listed)))
+    templates: tuple[SectionTemplate, ...]
+    if duration <= SINGLE_SECTION_MAX_S:
+        templates = SINGLE
+    elif len(named) >= 2:
+        templates = tuple((n, 0.6 if n in ("intro", "outro") else 1.0, *NAMED_SECTIONS[n][:1], "steady",
+                           NAMED_SECTIONS[n][1]) for n in named)
+    elif _BUILD.search(request) or "climax" in request.lower():
+        templates = BUILD
+    else:
+        templates = PLAIN
+    max_sections = max(1, int(duration // 1.0))  # every section at least about a second
+    templates = templates[:max_sections]
+    durations = split_durations(duration, [t[1] for t in templates])
+    quiet = 0.75 if any(m in _QUIET for m in f.moods) else 1.0
+    sections = []
+    for (name, _, intensity, curve, words), seconds in zip(templates, durations):
+        section_prompt = f"{prompt}, {words}" if words else prompt
+        sections.append({"name": name, "prompt": section_prompt[:MAX_PROMPT_CHARS], "duration_s": seconds,
+                         "intensity": round(intensity * quiet, 3), "curve": curve})
+    _apply_dynamics(request, sections)
+    return sections
 
+
+def _apply_dynamics(request: str, sections: list[dict[str, Any]]) -> None:
+    """"fade out" -> the last section falls; "fade in" -> the first rises; "loud climax" -> the loudest section is
+    at full intensity; "slow build" on a single section -> it rises."""
+    if _FADE_OUT.search(request):
+        sections[-1]["curve"] = "fall"
+    if _FADE_IN.search(request):
+        sections[0]["curve"] = "rise"
+    if _LOUD_CLIMAX.search(request):
+        loudest = max(sections, key=lambda s: s["intensity"])
+        loudest["intensity"] = 1.0
+    if len(sections) == 1 and _BUILD.search(request):
+        sections[0]["curve"] = "rise"

@@ -34,3 +34,6 @@ SCHEDULERS: tuple[str, ...] = tuple(_param("generate", "scheduler")["enum"])  # 
 MAX_PROMPT_CHARS = int(_param("generate", "prompt")["maxLength"])
 MAX_PROMPT_SUFFIX_CHARS = int(_param("vary", "prompt_suffix")["maxLength"])
 MAX_INTENT_CHARS = int(plan_schema()["properties"]["intent"]["maxLength"])
+MAX_PIECE_S = float(plan_schema()["properties"]["duration_s"]["maximum"])  # a sectioned piece is at most this long
+MIN_PIECE_S = float(plan_schema()["properties"]["duration_s"]["minimum"])
+MAX_SECTIONS = int(plan_schema()["properties"]["sections"]["maxItems"])

@@ -18,9 +18,12 @@ from jsonschema.exceptions import ValidationError, best_match
 
 from grym_synth.core.errors import InvalidArgument
 from grym_synth.planning.plan import (AUDIO_STEPS, GENERATE_DEFAULTS, GENERATE_KEYS, INPUT_RULES, MAIN_OUTPUT, OUTPUTS,
-                                      RECALL_DEFAULT_TOP_K, REQUIRED_INPUTS, STEP_TYPES, VARY_DEFAULTS, Plan,
-                                      PlannerName, Ref, Step, derive_seed)
-from grym_synth.planning.schema import MAX_SEGMENT_S, plan_schema
+                                      RECALL_DEFAULT_TOP_K, REQUIRED_INPUTS, SECTION_DEFAULTS, STEP_TYPES,
+                                      VARY_DEFAULTS, Plan, PlannerName, Ref, Section, Step, derive_seed, wrap_seed)
+from grym_synth.planning.schema import MAX_PIECE_S, MAX_PROMPT_CHARS, MAX_SEGMENT_S, plan_schema
+from grym_synth.planning.sections import DURATION_TOLERANCE_S, WindowSpec, intensity_words, layout
+
+DEFAULT_WINDOW = WindowSpec()
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,8 +33,9 @@ def _validator() -> Draft202012Validator:
     return Draft202012Validator(schema)
 
 
-def validate_plan(data: Any, *, planner: PlannerName = "coordinator") -> Plan:
+def validate_plan(data: Any, *, planner: PlannerName = "coordinator", window: WindowSpec = DEFAULT_WINDOW) -> Plan:
     """Check a plan dict completely and return the normalised :class:`Plan` (defaults filled, refs explicit).
+    ``window``: how sections are laid out as model windows (the server's settings).
 
     Raises :class:`InvalidArgument` with a message that names the step and parameter at fault."""
     if not isinstance(data, Mapping):
@@ -42,13 +46,99 @@ def validate_plan(data: Any, *, planner: PlannerName = "coordinator") -> Plan:
         raise InvalidArgument(_describe_schema_error(error, data))
     raw_steps: list[Mapping[str, Any]] = list(data["steps"])
     _check_finite(raw_steps)
+    sections = _build_sections(data, window)
+    if not raw_steps and not sections:
+        raise InvalidArgument("a plan needs 'sections' (the piece) or at least one step")
+    if sections:
+        raw_steps = _window_steps(sections, raw_steps, str(data["intent"]))
     _check_unique_ids(raw_steps)
     raw_steps = _expand_vary_shorthand(raw_steps)
     types = {s["id"]: s["type"] for s in raw_steps}
     steps = tuple(_build_step(raw, types, str(data["intent"])) for raw in raw_steps)
     _check_cycles(steps)
-    output = _check_output(data.get("output"), steps)
-    return Plan(intent=str(data["intent"]), steps=steps, output=output, planner=planner)
+    if sections:
+        output = tuple(w.step_id for section in sections for w in section.windows)
+    else:
+        output = _check_output(data.get("output"), steps)
+    return Plan(intent=str(data["intent"]), steps=steps, output=output, planner=planner, sections=sections,
+                overlap_s=window.overlap_s if sections else 0.0)
+
+
+def _finite(label: str, value: Any) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument(f"{label} must be a finite number, got {value}")
+
+
+def _section_durations(data: Mapping[str, Any], raw: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Durations that add up to ``duration_s`` exactly: a difference within DURATION_TOLERANCE_S (rounding in
+    what the coordinator wrote) goes to the last section; more is an error naming both numbers."""
+    durations = [float(s["duration_s"]) for s in raw]
+    total = sum(durations)
+    wanted = data.get("duration_s")
+    if wanted is not None:
+        wanted = float(wanted)
+        if abs(total - wanted) > DURATION_TOLERANCE_S:
+            raise InvalidArgument(f"plan sections add up to {total:g} s, but duration_s is {wanted:g} s; make the "
+                                  "section durations add up to the piece's length")
+        durations[-1] += wanted - total
+        total = wanted
+    if total > MAX_PIECE_S + 1e-9:
+        raise InvalidArgument(f"plan sections add up to {total:g} s; a piece is at most {MAX_PIECE_S:g} s")
+    return durations
+
+
+def _build_sections(data: Mapping[str, Any], window: WindowSpec) -> tuple[Section, ...]:
+    raw = list(data.get("sections") or [])
+    if not raw:
+        if data.get("duration_s") is not None:
+            _finite("plan field 'duration_s'", data["duration_s"])
+        return ()
+    _finite("plan field 'duration_s'", data.get("duration_s"))
+    for i, section in enumerate(raw):
+        for key in ("duration_s", "intensity"):
+            _finite(f"section {i + 1} ({section.get('name')!r}) field {key!r}", section.get(key))
+    durations = _section_durations(data, raw)
+    windows = layout(durations, window)
+    out = []
+    for section, duration, wins in zip(raw, durations, windows):
+        full = {**SECTION_DEFAULTS, **section}
+        out.append(Section(name=str(full["name"]), prompt=str(full["prompt"]), duration_s=duration,
+                           intensity=float(full["intensity"]), curve=str(full["curve"]), windows=wins,
+                           negative_prompt=str(full.get("negative_prompt") or ""),
+                           steps=int(full["steps"]) if "steps" in full else None,
+                           seed=int(full["seed"]) if "seed" in full else None))
+    return tuple(out)
+
+
+def _window_steps(sections: Sequence[Section], raw_steps: Sequence[Mapping[str, Any]],
+                  intent: str) -> list[Mapping[str, Any]]:
+    """The plan's steps with one generate step per window in front (replacing window steps of a plan that was
+    validated before, so validation is idempotent). Store steps wait for every window: a piece whose rendering
+    fails stores nothing."""
+    window_ids = {w.step_id for s in sections for w in s.windows}
+    kept = [s for s in raw_steps if not (s["id"] in window_ids and s.get("type") == "generate")]
+    generated: list[Mapping[str, Any]] = []
+    for section in sections:
+        prompt = f"{section.prompt}, {intensity_words(section.intensity)}"[:MAX_PROMPT_CHARS]
+        base = section.seed if section.seed is not None else derive_seed(f"{intent}\n{section.name}\n{prompt}")
+        for k, w in enumerate(section.windows):
+            params: dict[str, Any] = {"prompt": prompt, "negative_prompt": section.negative_prompt,
+                                      "duration_s": w.render_s, "seed": wrap_seed(base + k)}
+            if section.steps is not None:
+                params["steps"] = section.steps
+            generated.append({"id": w.step_id, "type": "generate", "params": params})
+    rest = []
+    for s in kept:
+        if s.get("type") == "store":
+            deps = list(dict.fromkeys([*(s.get("depends_on") or ()), *sorted(window_ids, key=_window_key)]))
+            s = {**s, "depends_on": deps}
+        rest.append(s)
+    return generated + rest
+
+
+def _window_key(step_id: str) -> tuple[int, int]:
+    section, _, window = step_id[1:].partition("-w")
+    return int(section), int(window)
 
 
 def _check_step_types(data: Mapping[str, Any]) -> None:

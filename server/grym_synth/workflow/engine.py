@@ -371,7 +371,7 @@ class WorkflowEngine:
     @staticmethod
     def _summary(run: WorkflowRun) -> dict[str, Any]:
         audio_s = 0.0
-        for _, out in run.audio():
+        for _, out in ([] if run.plan.sections else run.audio()):
             params = out.get("params") or {}
             audio = out.get("audio")
             rate = out.get("sample_rate_hz")
@@ -379,6 +379,8 @@ class WorkflowEngine:
                 audio_s += len(audio) / rate
             else:
                 audio_s += float(params.get("duration_s", 0))
+        if run.plan.sections and run.state == WorkflowState.SUCCEEDED:
+            audio_s = float(run.plan.duration_s or 0.0)  # overlapping windows joined: the piece's length
         patterns = [str(out["pattern_id"]) for sid, out in run.outputs.items()
                     if run.plan.step(sid).type == "store" and out.get("pattern_id")]
         return {"state": run.state.value, "steps": {sid: r.state.value for sid, r in run.steps.items()},
