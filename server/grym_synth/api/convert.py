@@ -110,7 +110,7 @@ def audio_data_chunks(audio: AudioData, fmt: AudioFormat) -> list[pb.AudioChunk]
         last = len(audio.wav_chunks) - 1
         return [pb.AudioChunk(wav_data=chunk, chunk_index=i, last=i == last, sample_rate_hz=audio.sample_rate_hz,
                               format=int(fmt)) for i, chunk in enumerate(audio.wav_chunks)]
-    samples = getattr(audio, "samples", None)
+    samples = audio.samples
     if samples is None:
         samples, _ = sf.read(io.BytesIO(b"".join(audio.wav_chunks)), dtype="float32")
     return audio_chunks(samples, audio.sample_rate_hz, fmt)

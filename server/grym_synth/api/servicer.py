@@ -361,7 +361,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             events = self.compose.compose(
                 request.request, max_tokens=request.max_tokens, seed=request.seed if request.HasField("seed") else None,
                 tags=dict(request.tags), deadline=_deadline(context), request_id=rid, workflow_id=wid,
-                duration_s=request.duration_seconds)
+                duration_s=request.duration_seconds, output_format=fmt)
             async with contextlib.aclosing(events) as stream:
                 async for event in stream:
                     if isinstance(event, PlanChosen):
@@ -559,7 +559,7 @@ def _compose_message(event: object, step_types: dict[str, str]) -> pb.ComposeRes
     if isinstance(event, SectionReady):
         return pb.ComposeResponse(section_audio=pb.ComposeSectionAudio(
             section_index=event.index, name=event.name, start_seconds=event.start_s, end_seconds=event.end_s,
-            data=event.data, sample_rate_hz=event.sample_rate_hz, format=common_pb2.AUDIO_FORMAT_WAV_PCM16))
+            data=event.data, sample_rate_hz=event.sample_rate_hz, format=int(event.fmt)))
     if isinstance(event, PieceProgress):
         return pb.ComposeResponse(progress=pb.ComposeProgress(done=event.done, total=event.total,
                                                               elapsed_seconds=event.elapsed_s,

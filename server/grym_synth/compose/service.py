@@ -31,7 +31,7 @@ import numpy as np
 from grym_synth.analysis.service import AnalysisService
 from grym_synth.compose.longform import PieceJoiner
 from grym_synth.compose.mastering import MasterSettings, apply_gain, master, predicted_gain_db
-from grym_synth.core.audio import TARGET_RATE_HZ, encode_wav, to_mono_16k
+from grym_synth.core.audio import TARGET_RATE_HZ, AudioFormat, encode_audio, encoded_rate_hz, to_mono_16k
 from grym_synth.coordinator.base import CoordinatorBackend, TokenEvent
 from grym_synth.core.errors import Cancelled, DeadlineExceeded, GrymError, InvalidArgument
 from grym_synth.generation.service import (DEFAULT_INIT_STRENGTH, AudioData, GenerationService, InitSpec, Progress,
@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_CHARS = 4000
 CHUNK_BYTES = 256 * 1024
-SECTION_PART_S = 60.0  # longest stretch of a section in one ComposeSectionAudio (16-bit WAV: 1.9 MB)
+SECTION_PART_S = 60.0  # longest stretch of a section in one ComposeSectionAudio (24-bit WAV, the largest: 2.9 MB)
 RECALL_TOP_K = 5
 CLUSTER_TTL_S = 60.0
 CLUSTER_LINES = 5
@@ -106,8 +106,9 @@ class SectionReady:
     start_s: float
     end_s: float
     data: bytes
-    sample_rate_hz: int
+    sample_rate_hz: int  # the rate of ``data`` as encoded (MP3/Opus store 16 kHz audio at a rate they take)
     gain_db: float
+    fmt: AudioFormat = AudioFormat.WAV_PCM16
 
 
 @dataclass
@@ -120,10 +121,19 @@ class PieceProgress:
     eta_s: float
 
 
-def encode_output(samples: np.ndarray, rate: int) -> bytes:
-    """The one place where Compose turns samples into a file: 16-bit WAV here (the output_format of issue 9 plugs
-    in here)."""
-    return encode_wav(samples, rate)
+def encode_output(samples: np.ndarray, rate: int, fmt: AudioFormat = AudioFormat.WAV_PCM16) -> bytes:
+    """The one place where Compose turns samples into a file, in the request's output format."""
+    return encode_audio(samples, rate, fmt)
+
+
+def piece_data(samples: np.ndarray, rate: int, fmt: AudioFormat) -> AudioData:
+    """The mastered piece for the API's chunk builder: its float samples (encoded there in ``fmt`` at full
+    precision), plus the 16-bit WAV chunks only when that is the format asked for."""
+    chunks: list[bytes] = []
+    if fmt == AudioFormat.WAV_PCM16:
+        data = encode_output(samples, rate)
+        chunks = [data[i: i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+    return AudioData(chunks, rate, np.asarray(samples, dtype=np.float32))
 
 
 def validate_duration(value: float) -> float | None:
@@ -356,7 +366,8 @@ class ComposeService:
 
     async def compose(self, request: str, *, max_tokens: int, seed: int | None, tags: Mapping[str, str],
                       deadline: float | None, request_id: str, workflow_id: str,
-                      duration_s: float = 0.0) -> AsyncIterator[TokenEvent | PlanChosen | WorkflowEvent | Features |
+                      duration_s: float = 0.0, output_format: AudioFormat = AudioFormat.WAV_PCM16
+                      ) -> AsyncIterator[TokenEvent | PlanChosen | WorkflowEvent | Features |
                                                                 AudioData | Finished | SectionReady | PieceProgress]:
         self.validate(request, max_tokens, tags)
         duration = validate_duration(duration_s)
@@ -371,13 +382,15 @@ class ComposeService:
         yield PlanChosen(plan, list(recalled))
         self.request_tags[workflow_id] = dict(tags)
         try:
-            async for event in self._run(plan, request, request_id, deadline, workflow_id, transcript):
+            async for event in self._run(plan, request, request_id, deadline, workflow_id, transcript,
+                                         output_format):
                 yield event
         finally:
             self.request_tags.pop(workflow_id, None)
 
     async def _run(self, plan: Plan, request: str, request_id: str, deadline: float | None, workflow_id: str,
-                   transcript: dict[str, list[str]]) -> AsyncIterator[WorkflowEvent | Features | AudioData |
+                   transcript: dict[str, list[str]], fmt: AudioFormat = AudioFormat.WAV_PCM16
+                   ) -> AsyncIterator[WorkflowEvent | Features | AudioData |
                                                                       Finished | SectionReady | PieceProgress]:
         run = await self.engine.start(plan, request_text=request, request_id=request_id, deadline=deadline,
                                       thinking="".join(transcript["thinking"]),
@@ -392,7 +405,7 @@ class ComposeService:
                 yield Features(event.step_id, int(out.get("frames", 0)), list(out.get("embedding", [])),
                                float(out.get("duration_s", 0.0)))
             if joiner is not None and progress is not None:
-                async for item in self._piece_event(event, run.outputs, joiner, progress):
+                async for item in self._piece_event(event, run.outputs, joiner, progress, fmt):
                     yield item
             if isinstance(event, (WorkflowFinished, WorkflowFailed, WorkflowCancelled)):
                 final = event
@@ -406,12 +419,12 @@ class ComposeService:
                 samples = (await asyncio.to_thread(master, np.concatenate(pieces), TARGET_RATE_HZ, self.mastering))[0] \
                     if pieces else None
             if samples is not None:
-                data = await asyncio.to_thread(encode_output, samples, TARGET_RATE_HZ)
-                yield AudioData([data[i: i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)], TARGET_RATE_HZ)
+                yield await asyncio.to_thread(piece_data, samples, TARGET_RATE_HZ, fmt)
         yield Finished(await self.workflows.get(workflow_id))
 
     async def _piece_event(self, event: WorkflowEvent, outputs: Mapping[str, Mapping[str, Any]], joiner: PieceJoiner,
-                           progress: ProgressTracker) -> AsyncIterator[SectionReady | PieceProgress]:
+                           progress: ProgressTracker, fmt: AudioFormat = AudioFormat.WAV_PCM16
+                           ) -> AsyncIterator[SectionReady | PieceProgress]:
         """Whole-piece progress, and the audio of every section that a finished window made final."""
         if isinstance(event, StepProgress) and progress.step(event.step_id, event.done):
             yield progress.event()
@@ -424,10 +437,11 @@ class ComposeService:
         if moved or joiner.placed != placed:
             yield progress.event()
         for index in finals:
-            for part in await asyncio.to_thread(self._section_ready, joiner, index):
+            for part in await asyncio.to_thread(self._section_ready, joiner, index, fmt):
                 yield part
 
-    def _section_ready(self, joiner: PieceJoiner, index: int) -> list[SectionReady]:
+    def _section_ready(self, joiner: PieceJoiner, index: int,
+                       fmt: AudioFormat = AudioFormat.WAV_PCM16) -> list[SectionReady]:
         """A final section, mastered with the provisional gain: the loudness of everything final so far, shifted by
         how much louder the whole plan is than that part (see mastering.predicted_gain_db). A section longer than
         SECTION_PART_S is sent as consecutive parts (same index and name, each a complete file with its own
@@ -440,8 +454,8 @@ class ComposeService:
         name = joiner.plan.sections[index].name
         parts = max(1, math.ceil((end - start) / (SECTION_PART_S * rate)))
         edges = np.linspace(0, end - start, parts + 1).round().astype(int)
-        return [SectionReady(index, name, (start + a) / rate, (start + b) / rate, encode_output(audio[a:b], rate),
-                             rate, gain) for a, b in zip(edges, edges[1:])]
+        return [SectionReady(index, name, (start + a) / rate, (start + b) / rate, encode_output(audio[a:b], rate, fmt),
+                             encoded_rate_hz(rate, fmt), gain, fmt) for a, b in zip(edges, edges[1:])]
 
 
 def new_workflow_id() -> str:

@@ -103,8 +103,12 @@ class Progress:
 
 @dataclass
 class AudioData:
+    """A finished piece of audio: its 16-bit WAV chunks, and (when kept) the float samples they came from, so that
+    another output format (24-bit WAV, FLAC, ...) is encoded at full precision rather than from the 16-bit file."""
+
     wav_chunks: list[bytes]
     sample_rate_hz: int
+    samples: np.ndarray | None = None
 
 
 @dataclass
@@ -482,7 +486,7 @@ class GenerationService:
                     yield item
                 else:
                     samples, seed, cached = item
-        yield AudioData(wav_chunks(samples, TARGET_RATE_HZ), TARGET_RATE_HZ)
+        yield AudioData(wav_chunks(samples, TARGET_RATE_HZ), TARGET_RATE_HZ, samples)
         analysis = await self.analysis.run_model(self.analysis.validate(samples, "generated audio"),
                                                  include_features=False, deadline=deadline, request_id=request_id)
         done = Generated(seed=seed, duration_s=len(samples) / TARGET_RATE_HZ, sample_rate_hz=TARGET_RATE_HZ,
