@@ -330,7 +330,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     for chunk in _audio_chunks(event, fmt):
                         yield pb.GenerateResponse(request_id=rid, audio=chunk)
                 else:
-                    music = await self.analysis.describe_music(event.samples, deadline=_deadline(context))
+                    music = event.music  # described with the embedding (and stored with the pattern)
                     yield pb.GenerateResponse(request_id=rid, result=pb.GenerateResult(
                         seed=event.seed, duration_seconds=event.duration_s, sample_rate_hz=event.sample_rate_hz,
                         frames=event.frames, embedding=event.embedding.tolist(),
@@ -553,7 +553,8 @@ def _compose_message(event: object, step_types: dict[str, str]) -> pb.ComposeRes
     if isinstance(event, Features):
         return pb.ComposeResponse(features=pb.ComposeFeatures(step_id=event.step_id, frames=event.frames,
                                                               embedding=event.embedding,
-                                                              duration_seconds=event.duration_s))
+                                                              duration_seconds=event.duration_s,
+                                                              music=convert.music_record(event.music)))
     if isinstance(event, Finished):
         return pb.ComposeResponse(summary=convert.workflow(event.record))
     if isinstance(event, SectionReady):

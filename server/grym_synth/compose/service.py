@@ -23,12 +23,13 @@ import time
 import math
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from grym_synth.analysis.service import AnalysisService
+from grym_synth.analysis.music import Detail, MusicDescription
+from grym_synth.analysis.service import AnalysisService, music_fields
 from grym_synth.compose.longform import PieceJoiner
 from grym_synth.compose.mastering import MasterSettings, apply_gain, master, predicted_gain_db
 from grym_synth.core.audio import TARGET_RATE_HZ, AudioFormat, encode_audio, encoded_rate_hz, to_mono_16k
@@ -90,6 +91,7 @@ class Features:
     frames: int
     embedding: list[float]
     duration_s: float
+    music: dict[str, Any] | None = None  # music_record of the analysed audio
 
 
 @dataclass
@@ -134,6 +136,35 @@ def piece_data(samples: np.ndarray, rate: int, fmt: AudioFormat) -> AudioData:
         data = encode_output(samples, rate)
         chunks = [data[i: i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
     return AudioData(chunks, rate, np.asarray(samples, dtype=np.float32))
+
+
+def music_record(desc: MusicDescription | None) -> dict[str, Any] | None:
+    """A description as a workflow record and ComposeFeatures keep it: summary detail (no notes or beats), the
+    fields a stored pattern keeps (memory.music_index.MusicFields) without the per-tag scores."""
+    fields = music_fields(desc.summary() if desc is not None else None)
+    if fields is None:
+        return None
+    record = asdict(fields)
+    record.pop("tag_scores", None)
+    return record
+
+
+async def describe(analysis: AnalysisService, samples: np.ndarray, deadline: float | None,
+                   what: str) -> dict[str, Any] | None:
+    """The summary description of 16 kHz samples, or None: a description is extra, so a failure (the music models
+    unavailable, the deadline reached) is logged and never fails the piece; a cancellation still propagates."""
+    remaining = None if deadline is None else deadline - time.monotonic()
+    if remaining is not None and remaining <= 0:
+        log.warning("no music description of %s: the deadline has passed", what)
+        return None
+    try:
+        desc = await asyncio.wait_for(analysis.describe_music(samples, Detail.SUMMARY, deadline=deadline), remaining)
+    except Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the description leaves it empty
+        log.warning("no music description of %s: %s", what, getattr(exc, "message", None) or repr(exc))
+        return None
+    return music_record(desc)
 
 
 def validate_duration(value: float) -> float | None:
@@ -239,8 +270,10 @@ def result_audio(audio: Any, rate: int | None) -> np.ndarray:
 class AnalyzeExecutor:
     """analyze: Wav2Vec2 on Triton over a previous step's audio."""
 
-    def __init__(self, analysis: AnalysisService) -> None:
+    def __init__(self, analysis: AnalysisService,
+                 step_music: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
         self.analysis = analysis
+        self.step_music = step_music if step_music is not None else {}
 
     async def embed(self, audio: Any, rate: int | None) -> tuple[list[float], float]:
         result = await self._run(audio, rate, None, "")
@@ -254,23 +287,43 @@ class AnalyzeExecutor:
                                              deadline=deadline, request_id=request_id)
 
     async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        result = await self._run(inputs["audio"], inputs.get("sample_rate_hz"), ctx.deadline, ctx.request_id)
+        audio = result_audio(inputs["audio"], inputs.get("sample_rate_hz"))
+        result, music = await asyncio.gather(
+            self._run(audio, TARGET_RATE_HZ, ctx.deadline, ctx.request_id),
+            describe(self.analysis, audio, ctx.deadline, f"step {step.id} of workflow {ctx.workflow_id}"))
+        if music is not None:  # for a store step downstream (see TaggingStoreExecutor)
+            self.step_music.setdefault(ctx.workflow_id, {})[step.id] = music
         return {"embedding": result.embedding.tolist(), "frames": result.frames, "duration_s": result.duration_s,
-                "analysed_audio": result_audio(inputs["audio"], inputs.get("sample_rate_hz"))}
+                "analysed_audio": audio, "music": music}
 
 
 class TaggingStoreExecutor(StoreExecutor):
-    """store, adding the Compose request's tags (looked up by workflow id) to the step's own."""
+    """store, adding the Compose request's tags (looked up by workflow id) to the step's own, and the music
+    description of what it stores: the upstream analyze step's (``step_music``), else described here from the
+    audio of a generate -> store link."""
 
-    def __init__(self, *args: Any, request_tags: dict[str, dict[str, str]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, request_tags: dict[str, dict[str, str]], analysis: AnalysisService,
+                 step_music: dict[str, dict[str, dict[str, Any]]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.request_tags = request_tags
+        self.analysis = analysis
+        self.step_music = step_music
 
     async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         extra = self.request_tags.get(ctx.workflow_id) or {}
         if extra:
             inputs = {**inputs, "tags": {**(inputs.get("tags") or step.params.get("tags") or {}), **extra}}
+        if inputs.get("music") is None:
+            inputs = {**inputs, "music": await self._music(step, inputs, ctx)}
         return await super().__call__(step, inputs, ctx)
+
+    async def _music(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
+        described = self.step_music.get(ctx.workflow_id, {})
+        music = next((described[u] for u in step.upstream if described.get(u)), None)
+        if music is None and inputs.get("embedding") is None and inputs.get("audio") is not None:
+            audio = result_audio(inputs["audio"], inputs.get("sample_rate_hz"))
+            music = await describe(self.analysis, audio, ctx.deadline, f"step {step.id} of workflow {ctx.workflow_id}")
+        return music
 
 
 # --- the service ----------------------------------------------------------------------------------------------------
@@ -297,11 +350,14 @@ class ComposeService:
         self._clusters_text = ""
         self._clusters_at = float("-inf")
         self._clusters_task: asyncio.Task[None] | None = None
-        analyze = AnalyzeExecutor(analysis)
+        self.analysis = analysis
+        self.step_music: dict[str, dict[str, dict[str, Any]]] = {}  # workflow id -> analyze step id -> music_record
+        analyze = AnalyzeExecutor(analysis, self.step_music)
         generate = GenerateExecutor(generation, windows_in_flight)
         self.engine = WorkflowEngine({
             "generate": generate, "vary": generate, "analyze": analyze,
-            "store": TaggingStoreExecutor(patterns, analyze=analyze.embed, request_tags=self.request_tags),
+            "store": TaggingStoreExecutor(patterns, analyze=analyze.embed, request_tags=self.request_tags,
+                                          analysis=analysis, step_music=self.step_music),
             "recall": RecallExecutor(patterns, feedback),
         }, workflows)
 
@@ -387,6 +443,7 @@ class ComposeService:
                 yield event
         finally:
             self.request_tags.pop(workflow_id, None)
+            self.step_music.pop(workflow_id, None)
 
     async def _run(self, plan: Plan, request: str, request_id: str, deadline: float | None, workflow_id: str,
                    transcript: dict[str, list[str]], fmt: AudioFormat = AudioFormat.WAV_PCM16
@@ -403,7 +460,7 @@ class ComposeService:
             if isinstance(event, StepFinished) and event.step_type == "analyze":
                 out = run.outputs.get(event.step_id, {})
                 yield Features(event.step_id, int(out.get("frames", 0)), list(out.get("embedding", [])),
-                               float(out.get("duration_s", 0.0)))
+                               float(out.get("duration_s", 0.0)), out.get("music"))
             if joiner is not None and progress is not None:
                 async for item in self._piece_event(event, run.outputs, joiner, progress, fmt):
                     yield item
@@ -420,7 +477,18 @@ class ComposeService:
                     if pieces else None
             if samples is not None:
                 yield await asyncio.to_thread(piece_data, samples, TARGET_RATE_HZ, fmt)
+                await self._describe_piece(samples, deadline, workflow_id)
         yield Finished(await self.workflows.get(workflow_id))
+
+    async def _describe_piece(self, samples: np.ndarray, deadline: float | None, workflow_id: str) -> None:
+        """Workflow.music: what the mastered piece is, kept with the record (best effort, like the description)."""
+        music = await describe(self.analysis, samples, deadline, f"workflow {workflow_id}")
+        if music is None:
+            return
+        try:
+            await self.workflows.set_music(workflow_id, music)
+        except GrymError as exc:
+            log.warning("music description of workflow %s not stored: %s", workflow_id, exc.message)
 
     async def _piece_event(self, event: WorkflowEvent, outputs: Mapping[str, Mapping[str, Any]], joiner: PieceJoiner,
                            progress: ProgressTracker, fmt: AudioFormat = AudioFormat.WAV_PCM16
