@@ -44,6 +44,7 @@ from grym_synth.planning.choose import choose_plan
 from grym_synth.planning.plan import Plan, Step
 from grym_synth.planning.schema import MAX_PIECE_S, MIN_PIECE_S
 from grym_synth.planning.prompt import plan_instructions
+from grym_synth.planning.request import parse_request
 from grym_synth.planning.rules import RuleBasedPlanner
 from grym_synth.core.resilience import AsyncBreaker
 from grym_synth.workflow.engine import WorkflowEngine
@@ -433,7 +434,8 @@ class ComposeService:
                                             deadline=deadline, request_id=request_id, transcript=transcript):
             yield token
         answer = "".join(transcript["answer"]) if not transcript["error"] else None
-        plan = choose_plan(answer, request, recalled, self.rules,
+        context = await self._with_named_pattern(request, recalled, deadline)
+        plan = choose_plan(answer, request, context, self.rules,
                            coordinator_error="; ".join(transcript["error"]) or None, duration_s=duration)
         yield PlanChosen(plan, list(recalled))
         self.request_tags[workflow_id] = dict(tags)
@@ -444,6 +446,26 @@ class ComposeService:
         finally:
             self.request_tags.pop(workflow_id, None)
             self.step_music.pop(workflow_id, None)
+
+    async def _with_named_pattern(self, request: str, recalled: list[PatternRecord],
+                                  deadline: float | None) -> list[PatternRecord]:
+        """The planner's context: the recalled patterns, with the pattern a "like pattern X" request names read from
+        the store (the recall index keeps no music), so that the variation keeps its tempo and key. Best effort: a
+        missing or unreadable pattern leaves the context as it was (the recall step reports a missing pattern)."""
+        pid = parse_request(request, (r.id for r in recalled)).pattern_id
+        known = next((r for r in recalled if r.id == pid), None)
+        if not pid or (known is not None and known.music is not None):
+            return recalled
+        remaining = None if deadline is None else deadline - time.monotonic()
+        try:
+            named = await asyncio.wait_for(self.patterns.get(pid), remaining)
+        except Cancelled:
+            raise
+        except (GrymError, asyncio.TimeoutError) as exc:
+            log.info("pattern %r named by the request not read for planning: %s", pid,
+                     getattr(exc, "message", None) or repr(exc))
+            return recalled
+        return [named if r.id == pid else r for r in recalled] if known is not None else [*recalled, named]
 
     async def _run(self, plan: Plan, request: str, request_id: str, deadline: float | None, workflow_id: str,
                    transcript: dict[str, list[str]], fmt: AudioFormat = AudioFormat.WAV_PCM16
