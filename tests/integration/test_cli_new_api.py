@@ -2,7 +2,7 @@
 GetPatternAudio, text and music-filtered search, init audio for Generate, Compose length), through the installed
 ``grym`` against the real server. The server side of these RPCs and fields is built on other branches: on a server
 without it these tests fail (UNIMPLEMENTED, or the CLI refusing WAV sent for an .mp3); they pass once it is merged.
-The argument -> request mapping of the same flags is tested without a server in tests/unit/test_cli.py."""
+The argument -> request mapping of the same flags is tested without a server in tests/unit/test_cli_parser.py."""
 
 from __future__ import annotations
 

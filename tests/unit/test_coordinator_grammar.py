@@ -118,39 +118,49 @@ _PRINTABLE = st.text(st.characters(min_codepoint=32, max_codepoint=0x2FFF, exclu
 
 @st.composite
 def _answers(draw) -> dict:
-    """Answers shaped by the derived schema: generate steps with any allowed params."""
-    gen = plan_answer_schema()["$defs"]["generate_params"]["properties"]
-    steps = []
-    for i in range(draw(st.integers(1, ARRAY_CAP))):
-        params = {"prompt": draw(_PRINTABLE)}
+    """Answers shaped by the derived schema: sections (the published schema has them) with any allowed values."""
+    schema = plan_answer_schema()
+    section = schema["$defs"]["section"]["properties"]
+    sections = []
+    for _ in range(draw(st.integers(1, schema["properties"]["sections"]["maxItems"]))):
+        item = {"name": draw(st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{0,12}", fullmatch=True)),
+                "prompt": draw(_PRINTABLE),
+                "duration_s": round(draw(st.floats(section["duration_s"]["minimum"],
+                                                   section["duration_s"]["maximum"])), 3)}
+        if draw(st.booleans()):  # decimals as a model writes them (exponent forms are not in the JSON grammar)
+            item["intensity"] = round(draw(st.floats(0, 1)), 3)
         if draw(st.booleans()):
-            params["duration_s"] = draw(st.floats(gen["duration_s"]["minimum"], gen["duration_s"]["maximum"]))
-        steps.append({"id": f"step-{i + 1}", "type": "generate", "params": params})
-    return {"version": 1, "intent": draw(_PRINTABLE), "steps": steps}
+            item["curve"] = draw(st.sampled_from(section["curve"]["enum"]))
+        sections.append(item)
+    return {"version": 1, "intent": draw(_PRINTABLE), "sections": sections, "steps": []}
+
+
+def _accepts(schema: dict, answer: dict, **overrides: bool) -> bool:
+    tokenizer = llguidance.LLTokenizer("byte")  # one token per byte: any text can be fed
+    matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_json_schema(
+        schema, overrides=overrides or None), log_level=0)
+    data = json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode()
+    return matcher.consume_tokens(tokenizer.tokenize_bytes(data)) and matcher.is_accepting()
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(_answers())
 def test_answers_the_grammar_accepts_are_valid_plans(answer: dict) -> None:
     """What llguidance accepts byte by byte from the derived grammar also passes the server's plan validation."""
-    tokenizer = llguidance.LLTokenizer("byte")  # one token per byte: any text can be fed
-    matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_json_schema(
-        plan_answer_schema(), overrides={"whitespace_flexible": False}), log_level=0)
-    data = json.dumps(answer, separators=(",", ":"), ensure_ascii=False).encode()
-    assert matcher.consume_tokens(tokenizer.tokenize_bytes(data)), matcher.get_error()
-    assert matcher.is_accepting()
+    assert _accepts(plan_answer_schema(), answer, whitespace_flexible=False)
     assert validate_plan(answer).planner == "coordinator"
 
 
-def test_step_ids_are_fixed_by_position_so_they_are_unique() -> None:
-    steps = plan_answer_schema()["properties"]["steps"]
-    assert steps["items"] is False and len(steps["prefixItems"]) == ARRAY_CAP
-    assert [p["properties"]["id"] for p in steps["prefixItems"]][:2] == [{"const": "step-1"}, {"const": "step-2"}]
-    tokenizer = llguidance.LLTokenizer("byte")
-    twice = {"version": 1, "intent": "x", "steps": [{"id": "step-1", "type": "generate", "params": {"prompt": "p"}}] * 2}
-    matcher = llguidance.LLMatcher(tokenizer, llguidance.LLMatcher.grammar_from_json_schema(plan_answer_schema()),
-                                   log_level=0)
-    assert not matcher.consume_tokens(tokenizer.tokenize_bytes(json.dumps(twice, separators=(",", ":")).encode()))
+def test_sectioned_answers_leave_the_steps_to_the_orchestrator() -> None:
+    """With sections in the published schema, the answer's steps stay empty (the orchestrator lays the windows
+    out), so a model cannot write step ids that collide or reference nothing."""
+    schema = plan_answer_schema()
+    assert schema["properties"]["steps"] == {"type": "array", "maxItems": 0}
+    one = {"name": "intro", "prompt": "p", "duration_s": 5.0}
+    assert _accepts(schema, {"version": 1, "intent": "x", "sections": [one], "steps": []})
+    with_step = {"version": 1, "intent": "x", "sections": [one],
+                 "steps": [{"id": "step-1", "type": "generate", "params": {"prompt": "p"}}]}
+    assert not _accepts(schema, with_step)
 
 
 def test_grammar_refuses_what_the_plan_schema_refuses() -> None:
