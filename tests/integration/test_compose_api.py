@@ -118,7 +118,12 @@ def test_recall_and_vary_carry_the_recalled_pattern(openai_orch, double: OpenAID
         vary = next(e.step for e in events if e.WhichOneof("event") == STEP and e.step.step_type == "vary"
                     and e.step.state == pb.ComposeStep.STATE_FINISHED)
         params = json.loads(vary.summary_json)["params"]
-        assert params["prompt"] == "glassy bell arpeggio" and int(params["seed"]) == 4243  # recalled seed + 1
+        # The variation keeps the pattern's tempo and key (its stored music descriptors), when it has them.
+        music = origin.music
+        kept = " ".join(([f"at {round(music.tempo_bpm)} BPM"] if music.tempo_bpm > 0 else []) +
+                        ([f"in {music.key}"] if music.key else []))
+        assert params["prompt"] == "glassy bell arpeggio" + (f", {kept}" if kept else "")
+        assert int(params["seed"]) == 4243  # recalled seed + 1
         assert events[-1].summary.state == pb.Workflow.STATE_SUCCEEDED
 
 

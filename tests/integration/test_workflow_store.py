@@ -289,7 +289,7 @@ async def test_feedback_shares_the_database(db_url: str) -> None:
         assert (await feedback.ratings(["p1", "p2"]))["p1"].mean == 3.5
         versions = await store.db.run(lambda conn: store.db.execute(
             conn, "SELECT component, version FROM schema_migrations ORDER BY component").fetchall())
-        assert [tuple(v) for v in versions] == [("feedback", 1), ("workflows", 1)]
+        assert [tuple(v) for v in versions] == [("feedback", 1), ("workflows", 1), ("workflows", 2)]
     finally:
         feedback.close()
         store.close()
@@ -301,8 +301,47 @@ def test_sqlite_is_wal_and_migrations_apply_once(tmp_path: Path) -> None:
         SqliteWorkflowStore(path).open().close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        rows = conn.execute("SELECT component, version FROM schema_migrations").fetchall()
-    assert rows == [("workflows", 1)]
+        rows = conn.execute("SELECT component, version FROM schema_migrations ORDER BY version").fetchall()
+    assert rows == [("workflows", 1), ("workflows", 2)]
+
+
+MUSIC = {"tempo_bpm": 120.0, "tempo_confidence": 0.8, "key": "A minor", "key_confidence": 0.7,
+         "tags": [["ambient", 0.9, 2]], "vocal_segments": [], "embedding": None, "models": "musicnn"}
+
+
+async def test_music_of_the_finished_piece_is_stored(db_url: str) -> None:
+    store = open_workflow_store(db_url)
+    try:
+        await store.create(record("wf-music"))
+        assert (await store.get("wf-music")).music is None
+        await store.set_music("wf-music", MUSIC)
+        assert (await store.get("wf-music")).music == MUSIC
+        records, _ = await store.list()
+        assert records[0].music == MUSIC
+        with pytest.raises(NotFound):
+            await store.set_music("wf-absent", MUSIC)
+    finally:
+        store.close()
+
+
+async def test_a_version_1_database_gains_the_music_column(tmp_path: Path) -> None:
+    """An existing database from before the music column: its records read back, and take a description."""
+    from grym_synth.workflow.store import WORKFLOW_MIGRATIONS, Database
+    path = tmp_path / "old.db"
+    old = Database(f"sqlite://{path}")
+    old.open()
+    old.migrate("workflows", WORKFLOW_MIGRATIONS[:1])
+    old.run_sync(lambda conn: old.execute(
+        conn, "INSERT INTO workflows (id, request_text, request_id, planner, plan_json, state, created_at_us, "
+              "updated_at_us) VALUES ('wf-old', 'x', 'r', 'rules', '{}', 'SUCCEEDED', 1, 1)"))
+    old.close()
+    store = SqliteWorkflowStore(path).open()
+    try:
+        assert (await store.get("wf-old")).music is None
+        await store.set_music("wf-old", MUSIC)
+        assert (await store.get("wf-old")).music == MUSIC
+    finally:
+        store.close()
 
 
 def test_database_urls(tmp_path: Path) -> None:

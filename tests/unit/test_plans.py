@@ -296,6 +296,25 @@ def test_planner_like_known_recalled_id_but_not_ordinary_words() -> None:
     assert parse_request("feels like a dream, like summer").pattern_id is None
 
 
+def test_planner_variation_keeps_the_recalled_patterns_tempo_and_key() -> None:
+    from grym_synth.memory.music_index import MusicFields
+    music = MusicFields(tempo_bpm=119.6, tempo_confidence=0.8, key="A minor", key_confidence=0.7)
+    recalled = [PatternRecord(id="sunrise", model="m", profile="tiny", duration_s=5, tags={}, created_at_us=0,
+                              source="t", music=music)]
+    plan = RuleBasedPlanner().plan("like sunrise, with strings", recalled)
+    assert plan.step("vary").params["prompt_suffix"] == "with strings, at 120 BPM in A minor"
+    assert "at 120 BPM in A minor" in plan.intent
+    # A tempo the request asks for wins over the pattern's; the key stays.
+    assert RuleBasedPlanner().plan("like sunrise but faster", recalled).step("vary").params["prompt_suffix"] == \
+        "faster tempo, in A minor"
+    # Unknown descriptors add nothing, and a pattern that was never described keeps the old suffix.
+    unknown = [PatternRecord(id="sunrise", model="m", profile="tiny", duration_s=5, tags={}, created_at_us=0,
+                             source="t", music=MusicFields())]
+    assert "prompt_suffix" not in RuleBasedPlanner().plan("like sunrise", unknown).step("vary").params
+    assert RuleBasedPlanner().plan("like pattern sunrise, with strings", []).step("vary").params["prompt_suffix"] == \
+        "with strings"
+
+
 def test_planner_reuses_settings_of_recalled_patterns() -> None:
     recalled = [
         PatternRecord(id="a", model="m", profile="tiny", duration_s=5, tags={}, created_at_us=0, source="t",

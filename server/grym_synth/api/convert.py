@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -44,7 +46,7 @@ def workflow(record: WorkflowRecord) -> pb.Workflow:
         error=record.error or "", pattern_ids=list(summary.get("patterns", [])),
         audio_seconds=float(summary.get("audio_s", 0.0)), thinking=record.transcript_thinking,
         answer=record.transcript_answer, create_time=timestamp(record.created_at_us),
-        update_time=timestamp(record.updated_at_us),
+        update_time=timestamp(record.updated_at_us), music=music_record(record.music),
     )
 
 
@@ -110,7 +112,7 @@ def audio_data_chunks(audio: AudioData, fmt: AudioFormat) -> list[pb.AudioChunk]
         last = len(audio.wav_chunks) - 1
         return [pb.AudioChunk(wav_data=chunk, chunk_index=i, last=i == last, sample_rate_hz=audio.sample_rate_hz,
                               format=int(fmt)) for i, chunk in enumerate(audio.wav_chunks)]
-    samples = getattr(audio, "samples", None)
+    samples = audio.samples
     if samples is None:
         samples, _ = sf.read(io.BytesIO(b"".join(audio.wav_chunks)), dtype="float32")
     return audio_chunks(samples, audio.sample_rate_hz, fmt)
@@ -175,6 +177,14 @@ def stored_music(fields: MusicFields | None) -> common_pb2.MusicDescription | No
         tags=[common_pb2.MusicTag(label=lb, score=sc, category=cat) for lb, sc, cat in fields.tags],
         vocal_segments=[common_pb2.TimeSpan(start_seconds=a, end_seconds=b) for a, b in fields.vocal_segments],
         embedding=fields.embedding or [], models=fields.models)
+
+
+def music_record(record: Mapping[str, Any] | None) -> common_pb2.MusicDescription | None:
+    """A description as Compose keeps it (compose.service.music_record: MusicFields as a dict)."""
+    if not record:
+        return None
+    known = {f.name for f in dataclasses.fields(MusicFields)}
+    return stored_music(MusicFields(**{k: v for k, v in record.items() if k in known}))
 
 
 def description_of(fields: MusicFields, duration_s: float) -> MusicDescription:

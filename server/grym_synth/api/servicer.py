@@ -330,7 +330,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     for chunk in _audio_chunks(event, fmt):
                         yield pb.GenerateResponse(request_id=rid, audio=chunk)
                 else:
-                    music = await self.analysis.describe_music(event.samples, deadline=_deadline(context))
+                    music = event.music  # described with the embedding (and stored with the pattern)
                     yield pb.GenerateResponse(request_id=rid, result=pb.GenerateResult(
                         seed=event.seed, duration_seconds=event.duration_s, sample_rate_hz=event.sample_rate_hz,
                         frames=event.frames, embedding=event.embedding.tolist(),
@@ -361,7 +361,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             events = self.compose.compose(
                 request.request, max_tokens=request.max_tokens, seed=request.seed if request.HasField("seed") else None,
                 tags=dict(request.tags), deadline=_deadline(context), request_id=rid, workflow_id=wid,
-                duration_s=request.duration_seconds)
+                duration_s=request.duration_seconds, output_format=fmt)
             async with contextlib.aclosing(events) as stream:
                 async for event in stream:
                     if isinstance(event, PlanChosen):
@@ -553,13 +553,14 @@ def _compose_message(event: object, step_types: dict[str, str]) -> pb.ComposeRes
     if isinstance(event, Features):
         return pb.ComposeResponse(features=pb.ComposeFeatures(step_id=event.step_id, frames=event.frames,
                                                               embedding=event.embedding,
-                                                              duration_seconds=event.duration_s))
+                                                              duration_seconds=event.duration_s,
+                                                              music=convert.music_record(event.music)))
     if isinstance(event, Finished):
         return pb.ComposeResponse(summary=convert.workflow(event.record))
     if isinstance(event, SectionReady):
         return pb.ComposeResponse(section_audio=pb.ComposeSectionAudio(
             section_index=event.index, name=event.name, start_seconds=event.start_s, end_seconds=event.end_s,
-            data=event.data, sample_rate_hz=event.sample_rate_hz, format=common_pb2.AUDIO_FORMAT_WAV_PCM16))
+            data=event.data, sample_rate_hz=event.sample_rate_hz, format=int(event.fmt)))
     if isinstance(event, PieceProgress):
         return pb.ComposeResponse(progress=pb.ComposeProgress(done=event.done, total=event.total,
                                                               elapsed_seconds=event.elapsed_s,

@@ -23,15 +23,16 @@ import time
 import math
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
-from grym_synth.analysis.service import AnalysisService
+from grym_synth.analysis.music import Detail, MusicDescription
+from grym_synth.analysis.service import AnalysisService, music_fields
 from grym_synth.compose.longform import PieceJoiner
 from grym_synth.compose.mastering import MasterSettings, apply_gain, master, predicted_gain_db
-from grym_synth.core.audio import TARGET_RATE_HZ, encode_wav, to_mono_16k
+from grym_synth.core.audio import TARGET_RATE_HZ, AudioFormat, encode_audio, encoded_rate_hz, to_mono_16k
 from grym_synth.coordinator.base import CoordinatorBackend, TokenEvent
 from grym_synth.core.errors import Cancelled, DeadlineExceeded, GrymError, InvalidArgument
 from grym_synth.generation.service import (DEFAULT_INIT_STRENGTH, AudioData, GenerationService, InitSpec, Progress,
@@ -43,6 +44,7 @@ from grym_synth.planning.choose import choose_plan
 from grym_synth.planning.plan import Plan, Step
 from grym_synth.planning.schema import MAX_PIECE_S, MIN_PIECE_S
 from grym_synth.planning.prompt import plan_instructions
+from grym_synth.planning.request import parse_request
 from grym_synth.planning.rules import RuleBasedPlanner
 from grym_synth.core.resilience import AsyncBreaker
 from grym_synth.workflow.engine import WorkflowEngine
@@ -55,7 +57,7 @@ log = logging.getLogger(__name__)
 
 MAX_REQUEST_CHARS = 4000
 CHUNK_BYTES = 256 * 1024
-SECTION_PART_S = 60.0  # longest stretch of a section in one ComposeSectionAudio (16-bit WAV: 1.9 MB)
+SECTION_PART_S = 60.0  # longest stretch of a section in one ComposeSectionAudio (24-bit WAV, the largest: 2.9 MB)
 RECALL_TOP_K = 5
 CLUSTER_TTL_S = 60.0
 CLUSTER_LINES = 5
@@ -90,6 +92,7 @@ class Features:
     frames: int
     embedding: list[float]
     duration_s: float
+    music: dict[str, Any] | None = None  # music_record of the analysed audio
 
 
 @dataclass
@@ -106,8 +109,9 @@ class SectionReady:
     start_s: float
     end_s: float
     data: bytes
-    sample_rate_hz: int
+    sample_rate_hz: int  # the rate of ``data`` as encoded (MP3/Opus store 16 kHz audio at a rate they take)
     gain_db: float
+    fmt: AudioFormat = AudioFormat.WAV_PCM16
 
 
 @dataclass
@@ -120,10 +124,48 @@ class PieceProgress:
     eta_s: float
 
 
-def encode_output(samples: np.ndarray, rate: int) -> bytes:
-    """The one place where Compose turns samples into a file: 16-bit WAV here (the output_format of issue 9 plugs
-    in here)."""
-    return encode_wav(samples, rate)
+def encode_output(samples: np.ndarray, rate: int, fmt: AudioFormat = AudioFormat.WAV_PCM16) -> bytes:
+    """The one place where Compose turns samples into a file, in the request's output format."""
+    return encode_audio(samples, rate, fmt)
+
+
+def piece_data(samples: np.ndarray, rate: int, fmt: AudioFormat) -> AudioData:
+    """The mastered piece for the API's chunk builder: its float samples (encoded there in ``fmt`` at full
+    precision), plus the 16-bit WAV chunks only when that is the format asked for."""
+    chunks: list[bytes] = []
+    if fmt == AudioFormat.WAV_PCM16:
+        data = encode_output(samples, rate)
+        chunks = [data[i: i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)]
+    return AudioData(chunks, rate, np.asarray(samples, dtype=np.float32))
+
+
+def music_record(desc: MusicDescription | None) -> dict[str, Any] | None:
+    """A description as a workflow record and ComposeFeatures keep it: summary detail (no notes or beats), the
+    fields a stored pattern keeps (memory.music_index.MusicFields) without the per-tag scores."""
+    fields = music_fields(desc.summary() if desc is not None else None)
+    if fields is None:
+        return None
+    record = asdict(fields)
+    record.pop("tag_scores", None)
+    return record
+
+
+async def describe(analysis: AnalysisService, samples: np.ndarray, deadline: float | None,
+                   what: str) -> dict[str, Any] | None:
+    """The summary description of 16 kHz samples, or None: a description is extra, so a failure (the music models
+    unavailable, the deadline reached) is logged and never fails the piece; a cancellation still propagates."""
+    remaining = None if deadline is None else deadline - time.monotonic()
+    if remaining is not None and remaining <= 0:
+        log.warning("no music description of %s: the deadline has passed", what)
+        return None
+    try:
+        desc = await asyncio.wait_for(analysis.describe_music(samples, Detail.SUMMARY, deadline=deadline), remaining)
+    except Cancelled:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the description leaves it empty
+        log.warning("no music description of %s: %s", what, getattr(exc, "message", None) or repr(exc))
+        return None
+    return music_record(desc)
 
 
 def validate_duration(value: float) -> float | None:
@@ -229,8 +271,10 @@ def result_audio(audio: Any, rate: int | None) -> np.ndarray:
 class AnalyzeExecutor:
     """analyze: Wav2Vec2 on Triton over a previous step's audio."""
 
-    def __init__(self, analysis: AnalysisService) -> None:
+    def __init__(self, analysis: AnalysisService,
+                 step_music: dict[str, dict[str, dict[str, Any]]] | None = None) -> None:
         self.analysis = analysis
+        self.step_music = step_music if step_music is not None else {}
 
     async def embed(self, audio: Any, rate: int | None) -> tuple[list[float], float]:
         result = await self._run(audio, rate, None, "")
@@ -244,23 +288,43 @@ class AnalyzeExecutor:
                                              deadline=deadline, request_id=request_id)
 
     async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
-        result = await self._run(inputs["audio"], inputs.get("sample_rate_hz"), ctx.deadline, ctx.request_id)
+        audio = result_audio(inputs["audio"], inputs.get("sample_rate_hz"))
+        result, music = await asyncio.gather(
+            self._run(audio, TARGET_RATE_HZ, ctx.deadline, ctx.request_id),
+            describe(self.analysis, audio, ctx.deadline, f"step {step.id} of workflow {ctx.workflow_id}"))
+        if music is not None:  # for a store step downstream (see TaggingStoreExecutor)
+            self.step_music.setdefault(ctx.workflow_id, {})[step.id] = music
         return {"embedding": result.embedding.tolist(), "frames": result.frames, "duration_s": result.duration_s,
-                "analysed_audio": result_audio(inputs["audio"], inputs.get("sample_rate_hz"))}
+                "analysed_audio": audio, "music": music}
 
 
 class TaggingStoreExecutor(StoreExecutor):
-    """store, adding the Compose request's tags (looked up by workflow id) to the step's own."""
+    """store, adding the Compose request's tags (looked up by workflow id) to the step's own, and the music
+    description of what it stores: the upstream analyze step's (``step_music``), else described here from the
+    audio of a generate -> store link."""
 
-    def __init__(self, *args: Any, request_tags: dict[str, dict[str, str]], **kwargs: Any) -> None:
+    def __init__(self, *args: Any, request_tags: dict[str, dict[str, str]], analysis: AnalysisService,
+                 step_music: dict[str, dict[str, dict[str, Any]]], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.request_tags = request_tags
+        self.analysis = analysis
+        self.step_music = step_music
 
     async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         extra = self.request_tags.get(ctx.workflow_id) or {}
         if extra:
             inputs = {**inputs, "tags": {**(inputs.get("tags") or step.params.get("tags") or {}), **extra}}
+        if inputs.get("music") is None:
+            inputs = {**inputs, "music": await self._music(step, inputs, ctx)}
         return await super().__call__(step, inputs, ctx)
+
+    async def _music(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any] | None:
+        described = self.step_music.get(ctx.workflow_id, {})
+        music = next((described[u] for u in step.upstream if described.get(u)), None)
+        if music is None and inputs.get("embedding") is None and inputs.get("audio") is not None:
+            audio = result_audio(inputs["audio"], inputs.get("sample_rate_hz"))
+            music = await describe(self.analysis, audio, ctx.deadline, f"step {step.id} of workflow {ctx.workflow_id}")
+        return music
 
 
 # --- the service ----------------------------------------------------------------------------------------------------
@@ -287,11 +351,14 @@ class ComposeService:
         self._clusters_text = ""
         self._clusters_at = float("-inf")
         self._clusters_task: asyncio.Task[None] | None = None
-        analyze = AnalyzeExecutor(analysis)
+        self.analysis = analysis
+        self.step_music: dict[str, dict[str, dict[str, Any]]] = {}  # workflow id -> analyze step id -> music_record
+        analyze = AnalyzeExecutor(analysis, self.step_music)
         generate = GenerateExecutor(generation, windows_in_flight)
         self.engine = WorkflowEngine({
             "generate": generate, "vary": generate, "analyze": analyze,
-            "store": TaggingStoreExecutor(patterns, analyze=analyze.embed, request_tags=self.request_tags),
+            "store": TaggingStoreExecutor(patterns, analyze=analyze.embed, request_tags=self.request_tags,
+                                          analysis=analysis, step_music=self.step_music),
             "recall": RecallExecutor(patterns, feedback),
         }, workflows)
 
@@ -356,7 +423,8 @@ class ComposeService:
 
     async def compose(self, request: str, *, max_tokens: int, seed: int | None, tags: Mapping[str, str],
                       deadline: float | None, request_id: str, workflow_id: str,
-                      duration_s: float = 0.0) -> AsyncIterator[TokenEvent | PlanChosen | WorkflowEvent | Features |
+                      duration_s: float = 0.0, output_format: AudioFormat = AudioFormat.WAV_PCM16
+                      ) -> AsyncIterator[TokenEvent | PlanChosen | WorkflowEvent | Features |
                                                                 AudioData | Finished | SectionReady | PieceProgress]:
         self.validate(request, max_tokens, tags)
         duration = validate_duration(duration_s)
@@ -366,18 +434,42 @@ class ComposeService:
                                             deadline=deadline, request_id=request_id, transcript=transcript):
             yield token
         answer = "".join(transcript["answer"]) if not transcript["error"] else None
-        plan = choose_plan(answer, request, recalled, self.rules,
+        context = await self._with_named_pattern(request, recalled, deadline)
+        plan = choose_plan(answer, request, context, self.rules,
                            coordinator_error="; ".join(transcript["error"]) or None, duration_s=duration)
         yield PlanChosen(plan, list(recalled))
         self.request_tags[workflow_id] = dict(tags)
         try:
-            async for event in self._run(plan, request, request_id, deadline, workflow_id, transcript):
+            async for event in self._run(plan, request, request_id, deadline, workflow_id, transcript,
+                                         output_format):
                 yield event
         finally:
             self.request_tags.pop(workflow_id, None)
+            self.step_music.pop(workflow_id, None)
+
+    async def _with_named_pattern(self, request: str, recalled: list[PatternRecord],
+                                  deadline: float | None) -> list[PatternRecord]:
+        """The planner's context: the recalled patterns, with the pattern a "like pattern X" request names read from
+        the store (the recall index keeps no music), so that the variation keeps its tempo and key. Best effort: a
+        missing or unreadable pattern leaves the context as it was (the recall step reports a missing pattern)."""
+        pid = parse_request(request, (r.id for r in recalled)).pattern_id
+        known = next((r for r in recalled if r.id == pid), None)
+        if not pid or (known is not None and known.music is not None):
+            return recalled
+        remaining = None if deadline is None else deadline - time.monotonic()
+        try:
+            named = await asyncio.wait_for(self.patterns.get(pid), remaining)
+        except Cancelled:
+            raise
+        except (GrymError, asyncio.TimeoutError) as exc:
+            log.info("pattern %r named by the request not read for planning: %s", pid,
+                     getattr(exc, "message", None) or repr(exc))
+            return recalled
+        return [named if r.id == pid else r for r in recalled] if known is not None else [*recalled, named]
 
     async def _run(self, plan: Plan, request: str, request_id: str, deadline: float | None, workflow_id: str,
-                   transcript: dict[str, list[str]]) -> AsyncIterator[WorkflowEvent | Features | AudioData |
+                   transcript: dict[str, list[str]], fmt: AudioFormat = AudioFormat.WAV_PCM16
+                   ) -> AsyncIterator[WorkflowEvent | Features | AudioData |
                                                                       Finished | SectionReady | PieceProgress]:
         run = await self.engine.start(plan, request_text=request, request_id=request_id, deadline=deadline,
                                       thinking="".join(transcript["thinking"]),
@@ -390,9 +482,9 @@ class ComposeService:
             if isinstance(event, StepFinished) and event.step_type == "analyze":
                 out = run.outputs.get(event.step_id, {})
                 yield Features(event.step_id, int(out.get("frames", 0)), list(out.get("embedding", [])),
-                               float(out.get("duration_s", 0.0)))
+                               float(out.get("duration_s", 0.0)), out.get("music"))
             if joiner is not None and progress is not None:
-                async for item in self._piece_event(event, run.outputs, joiner, progress):
+                async for item in self._piece_event(event, run.outputs, joiner, progress, fmt):
                     yield item
             if isinstance(event, (WorkflowFinished, WorkflowFailed, WorkflowCancelled)):
                 final = event
@@ -406,12 +498,23 @@ class ComposeService:
                 samples = (await asyncio.to_thread(master, np.concatenate(pieces), TARGET_RATE_HZ, self.mastering))[0] \
                     if pieces else None
             if samples is not None:
-                data = await asyncio.to_thread(encode_output, samples, TARGET_RATE_HZ)
-                yield AudioData([data[i: i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)], TARGET_RATE_HZ)
+                yield await asyncio.to_thread(piece_data, samples, TARGET_RATE_HZ, fmt)
+                await self._describe_piece(samples, deadline, workflow_id)
         yield Finished(await self.workflows.get(workflow_id))
 
+    async def _describe_piece(self, samples: np.ndarray, deadline: float | None, workflow_id: str) -> None:
+        """Workflow.music: what the mastered piece is, kept with the record (best effort, like the description)."""
+        music = await describe(self.analysis, samples, deadline, f"workflow {workflow_id}")
+        if music is None:
+            return
+        try:
+            await self.workflows.set_music(workflow_id, music)
+        except GrymError as exc:
+            log.warning("music description of workflow %s not stored: %s", workflow_id, exc.message)
+
     async def _piece_event(self, event: WorkflowEvent, outputs: Mapping[str, Mapping[str, Any]], joiner: PieceJoiner,
-                           progress: ProgressTracker) -> AsyncIterator[SectionReady | PieceProgress]:
+                           progress: ProgressTracker, fmt: AudioFormat = AudioFormat.WAV_PCM16
+                           ) -> AsyncIterator[SectionReady | PieceProgress]:
         """Whole-piece progress, and the audio of every section that a finished window made final."""
         if isinstance(event, StepProgress) and progress.step(event.step_id, event.done):
             yield progress.event()
@@ -424,10 +527,11 @@ class ComposeService:
         if moved or joiner.placed != placed:
             yield progress.event()
         for index in finals:
-            for part in await asyncio.to_thread(self._section_ready, joiner, index):
+            for part in await asyncio.to_thread(self._section_ready, joiner, index, fmt):
                 yield part
 
-    def _section_ready(self, joiner: PieceJoiner, index: int) -> list[SectionReady]:
+    def _section_ready(self, joiner: PieceJoiner, index: int,
+                       fmt: AudioFormat = AudioFormat.WAV_PCM16) -> list[SectionReady]:
         """A final section, mastered with the provisional gain: the loudness of everything final so far, shifted by
         how much louder the whole plan is than that part (see mastering.predicted_gain_db). A section longer than
         SECTION_PART_S is sent as consecutive parts (same index and name, each a complete file with its own
@@ -440,8 +544,8 @@ class ComposeService:
         name = joiner.plan.sections[index].name
         parts = max(1, math.ceil((end - start) / (SECTION_PART_S * rate)))
         edges = np.linspace(0, end - start, parts + 1).round().astype(int)
-        return [SectionReady(index, name, (start + a) / rate, (start + b) / rate, encode_output(audio[a:b], rate),
-                             rate, gain) for a, b in zip(edges, edges[1:])]
+        return [SectionReady(index, name, (start + a) / rate, (start + b) / rate, encode_output(audio[a:b], rate, fmt),
+                             encoded_rate_hz(rate, fmt), gain, fmt) for a, b in zip(edges, edges[1:])]
 
 
 def new_workflow_id() -> str:

@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from grym_synth.analysis.service import AnalysisService
+from grym_synth.analysis.music import MusicDescription
+from grym_synth.analysis.service import AnalysisService, music_fields
 from grym_synth.core.audio import TARGET_RATE_HZ, decode_file, encode_wav, to_mono_16k
 from grym_synth.core.cache import LruCache, digest
 from grym_synth.core.errors import DownstreamError, InvalidArgument, ResourceExhausted, Unavailable
@@ -103,8 +104,12 @@ class Progress:
 
 @dataclass
 class AudioData:
+    """A finished piece of audio: its 16-bit WAV chunks, and (when kept) the float samples they came from, so that
+    another output format (24-bit WAV, FLAC, ...) is encoded at full precision rather than from the 16-bit file."""
+
     wav_chunks: list[bytes]
     sample_rate_hz: int
+    samples: np.ndarray | None = None
 
 
 @dataclass
@@ -117,6 +122,7 @@ class Generated:
     cached: bool
     pattern: PatternRecord | None = None
     samples: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, np.float32))
+    music: MusicDescription | None = None  # summary detail; a stored pattern keeps it (search by music)
 
 
 @dataclass(frozen=True)
@@ -482,15 +488,18 @@ class GenerationService:
                     yield item
                 else:
                     samples, seed, cached = item
-        yield AudioData(wav_chunks(samples, TARGET_RATE_HZ), TARGET_RATE_HZ)
-        analysis = await self.analysis.run_model(self.analysis.validate(samples, "generated audio"),
-                                                 include_features=False, deadline=deadline, request_id=request_id)
+        yield AudioData(wav_chunks(samples, TARGET_RATE_HZ), TARGET_RATE_HZ, samples)
+        analysis, music = await asyncio.gather(
+            self.analysis.run_model(self.analysis.validate(samples, "generated audio"), include_features=False,
+                                    deadline=deadline, request_id=request_id),
+            self.analysis.describe_music(samples, deadline=deadline))
         done = Generated(seed=seed, duration_s=len(samples) / TARGET_RATE_HZ, sample_rate_hz=TARGET_RATE_HZ,
-                         frames=analysis.frames, embedding=analysis.embedding, cached=cached, samples=samples)
+                         frames=analysis.frames, embedding=analysis.embedding, cached=cached, samples=samples,
+                         music=music)
         if store:
             done.pattern = await self.store.insert(analysis.embedding, duration_s=done.duration_s, tags=tags,
                                                    source="generate", metadata=p.metadata(seed, self.profile),
-                                                   audio=samples)
+                                                   audio=samples, music=music_fields(music))
             if self.metrics:
                 self.metrics.patterns_stored.labels("generate").inc()
         yield done

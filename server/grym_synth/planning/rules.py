@@ -22,8 +22,7 @@ from grym_synth.planning.plan import (AUDIO_STEPS, GENERATE_DEFAULTS, PLAN_VERSI
 from grym_synth.planning.request import (RequestFeatures, build_prompt, negative_prompt, parse_request,
                                          variation_suffix)
 from grym_synth.planning.schema import (MAX_GUIDANCE, MAX_INTENT_CHARS, MAX_PIECE_S, MAX_PROMPT_CHARS, MAX_SEGMENT_S,
-                                        MAX_STEPS, MIN_SEGMENT_S,
-                                        SCHEDULERS)
+                                        MAX_PROMPT_SUFFIX_CHARS, MAX_STEPS, MIN_SEGMENT_S, SCHEDULERS)
 from grym_synth.planning.sections import WindowSpec, split_durations
 from grym_synth.planning.validation import DEFAULT_WINDOW, validate_plan
 
@@ -58,6 +57,21 @@ _LOUD_CLIMAX = re.compile(r"\b(loud|big|huge|massive|epic|powerful)\s+(climax|fi
 _QUIET = ("calm", "soft", "gentle", "peaceful", "serene", "minimal", "relaxing", "relaxed", "chill")
 
 
+def kept_music(record: PatternRecord | None, f: RequestFeatures) -> str:
+    """What a variation keeps of the recalled pattern's music: "at 120 BPM in A minor" from its stored descriptors
+    (AudioLDM reads tempo and key words in a prompt). A tempo the request asks for itself ("faster", "90 bpm") wins;
+    unknown descriptors (tempo 0, no key) are left out."""
+    music = record.music if record is not None else None
+    if music is None:
+        return ""
+    parts = []
+    if music.tempo_bpm > 0 and not (f.tempo_word or f.tempo_bpm):
+        parts.append(f"at {round(music.tempo_bpm)} BPM")
+    if music.key:
+        parts.append(f"in {music.key}")
+    return " ".join(parts)
+
+
 @dataclass(frozen=True)
 class RuleBasedPlanner:
     """Plans without a model: the fallback when the coordinator is down, slow, or writes an invalid plan.
@@ -82,7 +96,8 @@ class RuleBasedPlanner:
         base_seed = f.seed if f.seed is not None else derive_seed(" ".join(request.lower().split()))
         data: dict[str, Any]
         if f.pattern_id:
-            steps, intent = self._variation_steps(f, _split(duration))
+            named = next((r for r in recalled if r.id == f.pattern_id), None)
+            steps, intent = self._variation_steps(f, _split(duration), kept_music(named, f))
             data = {"steps": steps, "output": [s["id"] for s in steps if s["type"] in AUDIO_STEPS]}
         else:
             data, intent = self._piece(f, request, duration, base_seed, recalled)
@@ -132,10 +147,13 @@ class RuleBasedPlanner:
                 return {"steps": steps, "guidance_scale": guidance, "scheduler": scheduler}
         return settings
 
-    def _variation_steps(self, f: RequestFeatures, segments: list[float]) -> tuple[list[dict[str, Any]], str]:
+    def _variation_steps(self, f: RequestFeatures, segments: list[float],
+                         keep: str = "") -> tuple[list[dict[str, Any]], str]:
+        """Variations of the named pattern; ``keep`` (:func:`kept_music`) joins the prompt suffix so that the
+        variation stays at the pattern's tempo and key."""
         steps: list[dict[str, Any]] = [{"id": "recall", "type": "recall",
                                         "params": {"pattern_id": f.pattern_id, "top_k": 1}}]
-        suffix = variation_suffix(f)
+        suffix = ", ".join(p for p in (variation_suffix(f), keep) if p)[:MAX_PROMPT_SUFFIX_CHARS]
         for i, seconds in enumerate(segments, start=1):
             vary_id = f"vary-{i}" if len(segments) > 1 else "vary"
             strength = f.strength if f.strength is not None else VARY_DEFAULTS["strength"]

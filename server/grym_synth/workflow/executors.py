@@ -31,6 +31,7 @@ import numpy as np
 from grym_synth.core.audio import TARGET_RATE_HZ
 from grym_synth.core.errors import FailedPrecondition
 from grym_synth.memory.learning import FeedbackStore, rank_recalled, recall_for_request
+from grym_synth.memory.music_index import MusicFields
 from grym_synth.memory.store import MAX_TOP_K, PatternRecord, PatternStore
 from grym_synth.planning.plan import RECALL_DEFAULT_TOP_K, Step
 from grym_synth.workflow.events import StepProgress
@@ -112,8 +113,17 @@ class StoreExecutor:
         record = await self.patterns.insert(
             np.asarray(embedding, dtype=np.float32).tolist(), duration_s=duration,
             tags=inputs.get("tags") or step.params.get("tags") or {}, source=f"{self.source}:{ctx.workflow_id}",
-            metadata=inputs.get("metadata") or {}, audio=_audio_to_keep(inputs))
+            metadata=inputs.get("metadata") or {}, audio=_audio_to_keep(inputs), music=_music(inputs.get("music")))
         return {"pattern_id": record.id, "pattern": record}
+
+
+def _music(record: Mapping[str, Any] | None) -> MusicFields | None:
+    """A description passed to a store step (MusicFields as a dict, compose.service.music_record) for the pattern's
+    music fields, so that SearchPatterns finds it by text and music_filter."""
+    if not record:
+        return None
+    known = MusicFields.__dataclass_fields__
+    return MusicFields(**{k: v for k, v in record.items() if k in known})
 
 
 def _audio_to_keep(inputs: dict[str, Any]) -> np.ndarray | None:

@@ -136,6 +136,9 @@ class WorkflowRecord:
     heartbeat_at_us: int = 0
     created_at_us: int = 0
     updated_at_us: int = 0
+    # What the finished piece is (grym_synth.memory.music_index.MusicFields as a dict, no notes); None until a
+    # successful piece was described.
+    music: dict[str, Any] | None = None
 
     def step(self, step_id: str) -> StepRecord:
         for s in self.steps:
@@ -165,6 +168,10 @@ class WorkflowStore(abc.ABC):
 
     @abc.abstractmethod
     async def heartbeat(self, workflow_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def set_music(self, workflow_id: str, music: Mapping[str, Any]) -> None:
+        """Record what the finished piece is: described after the workflow finished, once it is mastered."""
 
     @abc.abstractmethod
     async def get(self, workflow_id: str) -> WorkflowRecord: ...
@@ -206,11 +213,14 @@ WORKFLOW_MIGRATIONS: tuple[Migration, ...] = (
         "summary_json TEXT, error TEXT, error_code TEXT, started_at_us {bigint}, finished_at_us {bigint}, "
         "PRIMARY KEY (workflow_id, step_id))",
     )),
+    Migration(2, "music description of the finished piece", (
+        "ALTER TABLE workflows ADD COLUMN music_json TEXT",
+    )),
 )
 
 _WF_COLUMNS = ("id, request_text, request_id, planner, fallback_reason, plan_json, state, error, error_code, "
                "summary_json, transcript_thinking, transcript_answer, owner, heartbeat_at_us, created_at_us, "
-               "updated_at_us")
+               "updated_at_us, music_json")
 _STEP_COLUMNS = ("workflow_id, step_id, position, step_type, state, summary_json, error, error_code, "
                  "started_at_us, finished_at_us")
 _UPSERT_STEP = (f"INSERT INTO workflow_steps ({_STEP_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
@@ -248,12 +258,13 @@ class SqlWorkflowStore(WorkflowStore):
                record.fallback_reason, json.dumps(record.plan, sort_keys=True), record.state.value,
                _err(record.error), record.error_code, bounded_json(record.summary),
                truncate(record.transcript_thinking, MAX_TRANSCRIPT_CHARS),
-               truncate(record.transcript_answer, MAX_TRANSCRIPT_CHARS), record.owner, created, created, created)
+               truncate(record.transcript_answer, MAX_TRANSCRIPT_CHARS), record.owner, created, created, created,
+               _music_json(record.music))
 
         def op(conn: Any) -> None:
             try:
                 self.db.execute(conn, f"INSERT INTO workflows ({_WF_COLUMNS}) VALUES "
-                                      f"({', '.join('?' * 16)})", row)
+                                      f"({', '.join('?' * 17)})", row)
             except Exception as exc:
                 if self.db.is_integrity_error(exc):
                     raise FailedPrecondition(f"workflow {record.id!r} already exists") from exc
@@ -306,6 +317,16 @@ class SqlWorkflowStore(WorkflowStore):
             for step in steps:
                 self.db.execute(conn, _UPSERT_STEP, _step_row(workflow_id, self._position(conn, workflow_id, step),
                                                               step))
+
+        await self.db.run(op)
+
+    async def set_music(self, workflow_id: str, music: Mapping[str, Any]) -> None:
+        check_workflow_id(workflow_id)
+
+        def op(conn: Any) -> None:
+            cur = self.db.execute(conn, "UPDATE workflows SET music_json = ?, updated_at_us = ? WHERE id = ?",
+                                  (_music_json(music), now_us(), workflow_id))
+            _require_row(cur, workflow_id)
 
         await self.db.run(op)
 
@@ -446,7 +467,11 @@ def _record_from_row(r: Sequence[Any]) -> WorkflowRecord:
         id=str(r[0]), request_text=r[1], request_id=r[2], planner=r[3], fallback_reason=r[4], plan=json.loads(r[5]),
         state=WorkflowState(r[6]), error=r[7], error_code=r[8], summary=_loads(r[9]), transcript_thinking=r[10],
         transcript_answer=r[11], owner=r[12], heartbeat_at_us=int(r[13]), created_at_us=int(r[14]),
-        updated_at_us=int(r[15]))
+        updated_at_us=int(r[15]), music=_loads(r[16]))
+
+
+def _music_json(music: Mapping[str, Any] | None) -> str | None:
+    return json.dumps(dict(music), sort_keys=True) if music else None
 
 
 def _loads(text: str | None) -> Any:
