@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from grym_synth.api.v1 import orchestrator_pb2
 from grym_synth.analysis.service import MODEL as ANALYSIS_MODEL, AnalysisService
 from grym_synth.core.audio import TARGET_RATE_HZ
-from grym_synth.inference.export.repository import DEFAULT_MODELS, build_repository
+from grym_synth.inference.export.repository import build_repository, default_models
 from grym_synth.inference.music_models import MUSICNN_EMBEDDING, MusicModels
 from grym_synth.analysis.music import MusicAnalyzer
 from grym_synth.inference.export.wav2vec2 import MIN_SAMPLES
@@ -94,7 +94,7 @@ class App:
         """Build the profile's repository (embedded Triton only: an external Triton serves its own)."""
         s = self.settings
         self.manifest = build_repository(s.profile, s.repository_dir, weights=s.model_weights, seed=s.seed,
-                                         models=s.triton_model_list or DEFAULT_MODELS)
+                                         models=s.triton_model_list or default_models())
 
     def _triton_url(self) -> str:
         s = self.settings

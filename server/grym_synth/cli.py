@@ -135,11 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "serve":
         return asyncio.run(_serve(settings, args.port_file))
-    from grym_synth.inference.export.repository import DEFAULT_MODELS, build_repository
+    from grym_synth.inference.export.repository import build_repository, default_models
 
     out = args.output or settings.repository_dir
     manifest = build_repository(settings.profile, out, weights=settings.model_weights, seed=settings.seed,
-                                models=args.models or DEFAULT_MODELS, force=args.force)
+                                models=args.models or default_models(), force=args.force)
     print(f"model repository for profile {settings.profile}: {out} ({', '.join(manifest['models'])})")
     return 0
 

@@ -248,11 +248,13 @@ def test_pipeline_config_is_decoupled_python():
     assert cfg.name == "audioldm" and cfg.backend == "grym_python" and cfg.max_batch_size == 0
     assert cfg.model_transaction_policy.decoupled
     inputs = {t.name: t for t in cfg.input}
-    assert set(inputs) == {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "duration_s", "scheduler"}
+    assert set(inputs) == {"prompt", "negative_prompt", "seed", "steps", "guidance_scale", "duration_s", "scheduler",
+                           "mode", "init_audio", "init_strength", "context_s"}  # the last four: audio-to-audio
     assert not inputs["prompt"].optional and all(t.optional for n, t in inputs.items() if n != "prompt")
-    assert {t.name for t in cfg.output} == {"step", "total_steps", "waveform", "sample_rate", "seed"}
+    assert {t.name for t in cfg.output} == {"step", "total_steps", "waveform", "sample_rate", "seed",
+                                            "context_waveform"}
     models = {k: v.string_value for k, v in cfg.parameters.items() if k.endswith("_model")}
-    assert sorted(models.values()) == sorted(COMPONENT_MODELS)
+    assert sorted(models.values()) == sorted((*COMPONENT_MODELS, "vae_encoder"))  # the encoder: init audio
 
 
 # ---------------------------------------------------------------------------------------------- pipeline files

@@ -111,7 +111,8 @@ async def test_a_schema_that_cannot_compile_is_an_invalid_request(triton_client)
         await _events(backend, "x", max_tokens=5)
 
 
-def test_vllm_protocol_sends_guided_decoding() -> None:
+async def test_vllm_protocol_sends_guided_decoding() -> None:
+    """(async: TritonClient opens its aio channel on the running loop.)"""
     backend = TritonCoordinatorBackend(TritonClient("127.0.0.1:1"), protocol="vllm", json_schema={"type": "object"})
     inputs, _ = backend._inputs("x", 10, 0.6, 0.95, 1, None)
     sampling = json.loads(inputs["sampling_parameters"][0])
@@ -165,6 +166,8 @@ def test_compose_on_the_real_server_takes_the_seeded_coordinators_plan(client, r
             plan = event.plan
             break
     assert plan.planner == pb.ComposePlan.PLANNER_COORDINATOR and not plan.fallback_reason, plan.fallback_reason
-    assert kinds[0] == pb.CoordinatorToken.KIND_THINKING and kinds[-1] == pb.CoordinatorToken.KIND_ANSWER
+    # Thinking (if any: with the sectioned schema the seeded tokenizer's shortest answer takes the whole default
+    # budget, so </think> is forced at once) always precedes the answer.
+    assert kinds == sorted(kinds) and kinds[-1] == pb.CoordinatorToken.KIND_ANSWER
     data = json.loads(plan.plan_json)
-    assert data["steps"] and all(s["type"] == "generate" for s in data["steps"])
+    assert data["steps"] and {s["type"] for s in data["steps"]} <= {"generate", "store"}

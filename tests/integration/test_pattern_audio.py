@@ -183,7 +183,9 @@ def test_compose_varies_a_recalled_pattern_from_its_stored_audio(client: Client,
     import json
 
     pattern_id, _ = generated
-    events = list(client.compose(f"1 second piece like pattern {pattern_id}", seed=5))
+    # A token budget too small for any answer: the rule planner (the constrained coordinator writes sections of
+    # generate steps only, no vary step; docs/coordinator.md).
+    events = list(client.compose(f"1 second piece like pattern {pattern_id}", seed=5, max_tokens=8))
     assert events[-1].summary.state == pb.Workflow.STATE_SUCCEEDED
     vary = [e.step for e in events if e.WhichOneof("event") == "step" and e.step.step_type == "vary"
             and e.step.state == pb.ComposeStep.STATE_FINISHED]

@@ -36,7 +36,7 @@ from grym_synth.core.audio import TARGET_RATE_HZ, AudioFormat, encode_audio, enc
 from grym_synth.coordinator.base import CoordinatorBackend, TokenEvent
 from grym_synth.core.errors import Cancelled, DeadlineExceeded, GrymError, InvalidArgument
 from grym_synth.generation.service import (DEFAULT_INIT_STRENGTH, AudioData, GenerationService, InitSpec, Progress,
-                                          validate)
+                                          fit_prompt, validate)
 from grym_synth.inference.export.coordinator import DEFAULT_MAX_TOKENS, GENERATION_DEFAULTS, MAX_TOKENS_LIMIT
 from grym_synth.memory.learning import FeedbackStore, detect_clusters, recall_for_request
 from grym_synth.memory.store import PatternRecord, PatternStore, validate_tags
@@ -239,7 +239,9 @@ class GenerateExecutor:
 
     async def _run(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         q = inputs["params"]
-        params = validate(str(q["prompt"]), str(q.get("negative_prompt") or ""), float(q["duration_s"]),
+        # The plan's prompts are the server's own text (request + section + descriptors): fitted, not refused.
+        params = validate(fit_prompt(str(q["prompt"])), fit_prompt(str(q.get("negative_prompt") or ""), True),
+                          float(q["duration_s"]),
                           int(q["steps"]), float(q["guidance_scale"]), int(q["seed"]), str(q["scheduler"]),
                           self.generation.max_duration_s)
         if step.type == "vary" and inputs.get("init_pattern_id"):  # audio-to-audio from the recalled pattern

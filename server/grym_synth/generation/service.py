@@ -212,6 +212,24 @@ def load_limits(profile: str, repository_dir: Path | None = None, weights_dir: P
     return limits
 
 
+def fit_prompt(text: str, negative: bool = False, limits: ModelLimits | None = None) -> str:
+    """``text`` cut at a word boundary to what the text encoder takes. For prompts the server writes itself (a
+    plan's section prompts grow with the request and its descriptors): a client's own prompt is refused instead."""
+    limits = limits or _limits
+    limit = limits.max_negative_tokens if negative else limits.max_prompt_tokens
+    if not limit or not text or limits.count_tokens(text) <= limit:
+        return text
+    words = text.split()
+    low, high = 0, len(words)  # the longest prefix of words that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        if limits.count_tokens(" ".join(words[:mid])) <= limit:
+            low = mid
+        else:
+            high = mid - 1
+    return " ".join(words[:low]).rstrip(" ,;:")
+
+
 def _text(name: str, value: str, limit_tokens: int, limits: ModelLimits) -> None:
     if len(value) > MAX_PROMPT_CHARS:
         raise InvalidArgument(f"{name} is {len(value)} characters; at most {MAX_PROMPT_CHARS} are allowed")

