@@ -171,3 +171,18 @@ def test_compose_on_the_real_server_takes_the_seeded_coordinators_plan(client, r
     assert kinds == sorted(kinds) and kinds[-1] == pb.CoordinatorToken.KIND_ANSWER
     data = json.loads(plan.plan_json)
     assert data["steps"] and {s["type"] for s in data["steps"]} <= {"generate", "store"}
+
+
+def test_a_request_longer_than_the_coordinators_context_gets_the_rule_plan(client) -> None:
+    """The prompt is the server's text around the request: when it overflows the model's context (2048 positions in
+    the tiny profile), the recalled context is dropped first, then the rule planner plans, saying why; the caller
+    never sees the coordinator's own refusal."""
+    from grym.v1 import orchestrator_pb2 as pb
+
+    request = "3 second calm piano with soft rain and distant bells, " * 70  # ~3900 characters
+    for event in client.compose(request[:4000], seed=3):
+        if event.WhichOneof("event") == "plan":
+            plan = event.plan
+            break
+    assert plan.planner == pb.ComposePlan.PLANNER_RULES
+    assert "context" in plan.fallback_reason, plan.fallback_reason

@@ -72,6 +72,10 @@ def cluster_context(clusters: Sequence[tuple[str, int, float]]) -> str:
     return "\n".join(lines)
 
 
+# How the coordinator model words a prompt longer than its context (model_repository/coordinator/1/model.py).
+CONTEXT_OVERFLOW = "the model context is"
+
+
 def compose_prompt(request: str, recalled: Sequence[PatternRecord], clusters_text: str = "") -> str:
     """DeepSeek-R1 guidance: no system prompt, so the instructions and context go into the user turn."""
     parts = [request.strip(), plan_instructions(recalled)]
@@ -405,23 +409,37 @@ class ComposeService:
         if self.coordinator is None:
             transcript["error"].append("no coordinator backend is configured")
             return
-        remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
-        try:
-            async with self.breaker.guard():
-                stream = self.coordinator.stream(self.prompt(request, recalled), max_tokens=max_tokens,
-                                                 temperature=self.temperature, top_p=self.top_p, seed=seed,
-                                                 deadline_s=remaining, request_id=request_id)
-                async with contextlib.aclosing(stream) as tokens:
-                    async for event in tokens:
-                        transcript[event.kind].append(event.text)
-                        yield event
-        except (InvalidArgument, Cancelled):
-            raise
-        except GrymError as exc:
-            if isinstance(exc, DeadlineExceeded) and deadline is not None and time.monotonic() >= deadline:
-                raise  # the caller's own deadline: nothing left to fall back with
-            log.warning("coordinator failed, using the rule-based planner: %s", exc.message)
-            transcript["error"].append(exc.message)
+        # The prompt is the server's own text: when request + context overflow the model's context window, the
+        # context (recalled patterns, clusters) goes first, then the rule-based planner takes over.
+        prompts = list(dict.fromkeys([self.prompt(request, recalled), compose_prompt(request, ())]))
+        for attempt, prompt in enumerate(prompts, 1):
+            remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
+            try:
+                async with self.breaker.guard():
+                    stream = self.coordinator.stream(prompt, max_tokens=max_tokens, temperature=self.temperature,
+                                                     top_p=self.top_p, seed=seed, deadline_s=remaining,
+                                                     request_id=request_id)
+                    async with contextlib.aclosing(stream) as tokens:
+                        async for event in tokens:
+                            transcript[event.kind].append(event.text)
+                            yield event
+                return
+            except InvalidArgument as exc:
+                if CONTEXT_OVERFLOW not in exc.message:
+                    raise
+                if attempt < len(prompts):
+                    log.info("coordinator prompt too long, retrying without the recalled context: %s", exc.message)
+                    continue
+                log.warning("coordinator prompt too long, using the rule-based planner: %s", exc.message)
+                transcript["error"].append(f"the request does not fit the coordinator's context: {exc.message}")
+            except Cancelled:
+                raise
+            except GrymError as exc:
+                if isinstance(exc, DeadlineExceeded) and deadline is not None and time.monotonic() >= deadline:
+                    raise  # the caller's own deadline: nothing left to fall back with
+                log.warning("coordinator failed, using the rule-based planner: %s", exc.message)
+                transcript["error"].append(exc.message)
+            return
 
     async def compose(self, request: str, *, max_tokens: int, seed: int | None, tags: Mapping[str, str],
                       deadline: float | None, request_id: str, workflow_id: str,
