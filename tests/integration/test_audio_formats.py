@@ -144,3 +144,35 @@ def test_damaged_or_random_files_never_fail_inside_the_server(client: Client, fm
         _analyze(client, common_pb2.AudioInput(**{field: damaged}))
     except grpc.RpcError as err:
         assert err.code() in (C.INVALID_ARGUMENT, C.OUT_OF_RANGE), (err.code(), err.details())
+
+
+KNOWN_FORMATS = set(common_pb2.AudioFormat.values())
+
+
+@pytest.fixture(scope="module")
+def stored_with_audio(client: Client) -> tuple[str, bytes]:
+    """A pattern with stored audio, and its bytes as GetPatternAudio returns them in WAV."""
+    pattern_id = client.analyze(tone(0.6, seed=4), sample_rate_hz=16_000, store=True).pattern_id
+    chunks = list(client.stub.GetPatternAudio(pb.GetPatternAudioRequest(pattern_id=pattern_id), timeout=60))
+    return pattern_id, b"".join(c.audio.wav_data for c in chunks)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(value=st.integers(-2**31, 2**31 - 1).filter(lambda v: v not in KNOWN_FORMATS))
+def test_any_unknown_format_number_is_refused_before_any_work(client: Client, stored_with_audio: tuple[str, bytes],
+                                                              value: int) -> None:
+    """proto3 enums are open: every number a client can put in output_format/format that the API does not define
+    is INVALID_ARGUMENT naming the field, on every RPC that returns audio, and the stored audio is untouched."""
+    pattern_id, wav = stored_with_audio
+    calls = (("Generate", pb.GenerateRequest(prompt="x", duration_seconds=0.5, steps=1, output_format=value),
+              "output_format"),
+             ("Compose", pb.ComposeRequest(request="2 second piano", output_format=value), "output_format"),
+             ("GetPatternAudio", pb.GetPatternAudioRequest(pattern_id=pattern_id, format=value), "format"))
+    for call, req, field in calls:
+        with pytest.raises(grpc.RpcError) as err:
+            list(getattr(client.stub, call)(req, timeout=60))
+        assert err.value.code() == C.INVALID_ARGUMENT, (call, value, err.value.details())
+        assert f"{field} {value} is not a known AudioFormat" in err.value.details()
+    again = list(client.stub.GetPatternAudio(pb.GetPatternAudioRequest(pattern_id=pattern_id), timeout=60))
+    assert b"".join(c.audio.wav_data for c in again) == wav
