@@ -7,4 +7,4 @@ bash scripts/setup.sh
 if [ -x scripts/install_tools.sh ]; then bash scripts/install_tools.sh; fi
 . .venv/bin/activate
 # Line coverage of the package, the orchestrator child processes included (coverage's subprocess patch).
-exec python -m pytest -q -p no:cacheprovider --cov --cov-report=term "$@"
+exec python -m pytest -q -p no:cacheprovider --durations=40 --cov --cov-report=term "$@"

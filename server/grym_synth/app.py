@@ -152,6 +152,10 @@ class App:
         await self._wait_models(s.triton_startup_timeout_s)
         if self.music_models is not None:  # only the music models Triton serves are asked
             log.info("music models served: %s", ", ".join(sorted(await self.music_models.probe())) or "none")
+            started = time.perf_counter()
+            prepared = await self.music_models.prepare()
+            log.info("music pre/post-processing ready in %.1f s (%s)", time.perf_counter() - started,
+                     ", ".join(prepared) or "none")
         assert self.store is not None
         self.store.dim = await self._probe_embedding_dim()
         # Refuses (start-up fails, saying why) a damaged store, or a missing one beside a non-empty workflow history.

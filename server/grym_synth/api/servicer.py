@@ -214,7 +214,12 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             raise asyncio.CancelledError() from None
 
     # --- conversions ----------------------------------------------------------------------------------------------
-    def _audio(self, audio: common_pb2.AudioInput, field: str = "audio") -> Audio:
+    async def _audio(self, audio: common_pb2.AudioInput, field: str = "audio") -> Audio:
+        """Decoded, checked, 16 kHz mono audio; the decoding and resampling run in a worker thread (CPU work that
+        would stall every call in flight on the event loop)."""
+        return await asyncio.to_thread(self._audio_sync, audio, field)
+
+    def _audio_sync(self, audio: common_pb2.AudioInput, field: str) -> Audio:
         samples, rate = convert.audio_input(audio, max_seconds=self.analysis.max_audio_s, field=field)
         if samples.size == 0:
             raise InvalidArgument(f"{field} is empty")
@@ -222,10 +227,12 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             raise InvalidArgument(f"{field} contains {int((~np.isfinite(samples)).sum())} NaN or infinite sample(s)")
         return self.analysis.validate(to_mono_16k(samples, rate))
 
-    def _generate_init(self, request: pb.GenerateRequest) -> Any:
+    async def _generate_init(self, request: pb.GenerateRequest) -> Any:
         """Generate's init-audio fields (12-15), decoded and checked (generation.validate_init)."""
         mode = convert.generate_mode(request.mode)
-        audio = self._audio(request.init_audio, "init_audio").samples if request.HasField("init_audio") else None
+        audio = None
+        if request.HasField("init_audio"):
+            audio = (await self._audio(request.init_audio, "init_audio")).samples
         strength = request.init_strength if request.HasField("init_strength") else None
         return validate_init(mode, audio, request.init_pattern_id, strength,
                              duration_given=request.duration_seconds != 0)
@@ -252,7 +259,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
     async def AnalyzeAudio(self, request: pb.AnalyzeAudioRequest,
                            context: grpc.aio.ServicerContext) -> pb.AnalyzeAudioResponse:
         async with self.rpc_scope("AnalyzeAudio", context, request.request_id) as scope:
-            audio = self._audio(request.audio)
+            audio = await self._audio(request.audio)
             result = await self.analysis.analyze(
                 audio, include_features=request.include_features, store=request.store, tags=dict(request.tags),
                 source=request.source or "analyze", metadata=None, deadline=_deadline(context),
@@ -319,7 +326,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
         async with self.rpc_scope("Generate", context, request.request_id) as scope:
             params = _generate_params(request, self.generation.max_duration_s)
             fmt = convert.audio_format(request.output_format)
-            params = await self.generation.with_init(params, self._generate_init(request))
+            params = await self.generation.with_init(params, await self._generate_init(request))
             rid = scope.request_id
             async for event in self.generation.generate(params, store=request.store, tags=dict(request.tags),
                                                         deadline=_deadline(context), request_id=rid):
@@ -327,7 +334,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     yield pb.GenerateResponse(request_id=rid, progress=pb.GenerateProgress(
                         step=event.step, total_steps=event.total_steps))
                 elif isinstance(event, AudioData):
-                    for chunk in _audio_chunks(event, fmt):
+                    for chunk in await _audio_chunks(event, fmt):
                         yield pb.GenerateResponse(request_id=rid, audio=chunk)
                 else:
                     music = event.music  # described with the embedding (and stored with the pattern)
@@ -346,7 +353,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
             _require_id(request.pattern_id)
             _, wav = await self.store.audio(request.pattern_id)
             fmt = convert.audio_format(request.format, "format")
-            for chunk in _audio_chunks(convert.stored_audio(wav), fmt):
+            for chunk in await _audio_chunks(convert.stored_audio(wav), fmt):
                 yield pb.GetPatternAudioResponse(request_id=scope.request_id, audio=chunk)
 
     async def Compose(self, request: pb.ComposeRequest, context: grpc.aio.ServicerContext) -> None:
@@ -367,7 +374,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
                     if isinstance(event, PlanChosen):
                         step_types = {s.id: s.type for s in event.plan.steps}
                     if isinstance(event, AudioData):
-                        for chunk in _audio_chunks(event, fmt):
+                        for chunk in await _audio_chunks(event, fmt):
                             yield pb.ComposeResponse(request_id=rid, workflow_id=wid, audio=chunk)
                         continue
                     message = _compose_message(event, step_types)
@@ -470,7 +477,7 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
         async with self.rpc_scope("DescribeAudio", context, request.request_id) as scope:
             source = request.WhichOneof("source")
             if source == "audio":
-                audio = self._audio(request.audio)
+                audio = await self._audio(request.audio)
                 music = await self.analysis.describe_music(audio.samples, deadline=_deadline(context))
                 samples = audio.samples
             elif source == "pattern_id":
@@ -568,8 +575,9 @@ def _compose_message(event: object, step_types: dict[str, str]) -> pb.ComposeRes
     return None
 
 
-def _audio_chunks(audio: AudioData, fmt: AudioFormat = AudioFormat.WAV_PCM16) -> list[pb.AudioChunk]:
-    return convert.audio_data_chunks(audio, fmt)
+async def _audio_chunks(audio: AudioData, fmt: AudioFormat = AudioFormat.WAV_PCM16) -> list[pb.AudioChunk]:
+    """The audio as chunks in ``fmt``, encoded in a worker thread (MP3 of a long piece takes seconds)."""
+    return await asyncio.to_thread(convert.audio_data_chunks, audio, fmt)
 
 
 def _status_error(code: str, message: str) -> GrymError:

@@ -168,6 +168,11 @@ class MusicModels:
         self._served = frozenset(name for name, ok in zip(sorted(self._served), ready) if ok)
         return self._served
 
+    async def prepare(self) -> list[str]:
+        """Import and run once, in a worker thread, the served models' pre/post-processing (``prepare_packages``):
+        done before the server reports SERVING, so no request waits for torch to import."""
+        return await asyncio.to_thread(prepare_packages, self._served)
+
     @property
     def tag_vocabulary(self) -> tuple[str, ...]:
         """musicnn's MagnaTagATune labels, in score order."""
@@ -193,59 +198,44 @@ class MusicModels:
                             ) -> dict[str, np.ndarray] | None:
         """basic-pitch's unwrapped posteriors ``{"note", "onset", "contour"}`` (frames x bins) as
         ``basic_pitch.inference.run_inference`` returns them; None when the audio is shorter than one frame."""
-        quiet_import_basic_pitch()
-        from basic_pitch.constants import AUDIO_SAMPLE_RATE, AUDIO_N_SAMPLES, FFT_HOP
-        from basic_pitch.inference import unwrap_output, window_audio_file
-
-        samples = resample(_mono(audio, sample_rate), sample_rate, AUDIO_SAMPLE_RATE)
-        overlap = BASIC_PITCH_OVERLAP_FRAMES * FFT_HOP
-        if samples.size < FFT_HOP:
+        prepared = await asyncio.to_thread(_basic_pitch_windows, audio, sample_rate)
+        if prepared is None:
             return None
-        padded = np.concatenate([np.zeros(overlap // 2, np.float32), samples])
-        windows = np.stack([w for w, _ in window_audio_file(padded, AUDIO_N_SAMPLES - overlap)]).astype(np.float32)
+        n_samples, windows = prepared
         names = ("note", "onset", "contour")
         parts = await self._infer_all(BASIC_PITCH, "audio", _chunks(windows, BASIC_PITCH_WINDOWS_PER_REQUEST),
                                       names, deadline)
-        return {k: unwrap_output(np.concatenate([p[k] for p in parts]), samples.size, BASIC_PITCH_OVERLAP_FRAMES)
-                for k in names}
+        return await asyncio.to_thread(_basic_pitch_unwrap, parts, names, n_samples)
 
     async def transcribe(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
                          ) -> list[NoteEvent]:
         """Notes by basic-pitch with its own note creation and ``predict()``'s default thresholds."""
-        from basic_pitch.constants import AUDIO_SAMPLE_RATE, FFT_HOP
-        from basic_pitch import note_creation
-
         output = await self.transcription(audio, sample_rate, deadline=deadline)
         if output is None or output["note"].shape[0] == 0:
             return []
-        min_note_len = int(np.round(MINIMUM_NOTE_LENGTH_MS / 1000 * (AUDIO_SAMPLE_RATE / FFT_HOP)))
-        _, events = note_creation.model_output_to_notes(
-            output, onset_thresh=ONSET_THRESHOLD, frame_thresh=FRAME_THRESHOLD, min_note_len=min_note_len,
-            min_freq=None, max_freq=None, multiple_pitch_bends=False, melodia_trick=True, midi_tempo=MIDI_TEMPO)
-        return notes_from_events(events)
+        return await asyncio.to_thread(_basic_pitch_notes, output)
 
     # ---- musicnn -----------------------------------------------------------------------------------------------
 
     async def tag(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None) -> Tagging:
         """musicnn MTT tags and embedding (means over the clip's non-overlapping 3-second patches)."""
         labels = self.tag_vocabulary
-        samples = resample(_mono(audio, sample_rate), sample_rate, MUSICNN_SR)
-        if samples.size == 0 or not np.any(samples):
+        patches = await asyncio.to_thread(_musicnn_input, audio, sample_rate, True)
+        if patches is None:
             return Tagging(labels, np.zeros(len(labels), np.float32), np.zeros(MUSICNN_EMBEDDING, np.float32))
-        patches = musicnn_patches(samples)
-        parts = await self._infer_all(MUSICNN, "patches", _chunks(patches, MUSICNN_PATCHES_PER_REQUEST),
-                                      ("taggram", "embedding"), deadline)
-        taggram = np.concatenate([p["taggram"] for p in parts])
-        embedding = np.concatenate([p["embedding"] for p in parts])
+        taggram, embedding = await self._musicnn(patches, deadline)
         return Tagging(labels, taggram.mean(axis=0).astype(np.float32), embedding.mean(axis=0).astype(np.float32))
 
     async def taggram(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
                       ) -> tuple[np.ndarray, np.ndarray]:
         """musicnn's per-patch outputs (taggram [patches, 50], penultimate [patches, 200]) for a clip of at least
         one patch (3 s) — what ``musicnn.extractor.extractor`` returns as taggram and features["penultimate"]."""
-        samples = resample(_mono(audio, sample_rate), sample_rate, MUSICNN_SR)
-        parts = await self._infer_all(MUSICNN, "patches", _chunks(musicnn_patches(samples),
-                                                                  MUSICNN_PATCHES_PER_REQUEST),
+        patches = await asyncio.to_thread(_musicnn_input, audio, sample_rate, False)
+        assert patches is not None
+        return await self._musicnn(patches, deadline)
+
+    async def _musicnn(self, patches: np.ndarray, deadline: float | None) -> tuple[np.ndarray, np.ndarray]:
+        parts = await self._infer_all(MUSICNN, "patches", _chunks(patches, MUSICNN_PATCHES_PER_REQUEST),
                                       ("taggram", "embedding"), deadline)
         return (np.concatenate([p["taggram"] for p in parts]), np.concatenate([p["embedding"] for p in parts]))
 
@@ -257,43 +247,30 @@ class MusicModels:
         Viterbi-decoded within 50-2006 Hz, with torchcrepe's own +-10-cent dither) and periodicity (the network's
         confidence, 0-1). The network costs ~5 ms of CPU per frame here: a 10 ms hop runs at about 2x real time
         on 2 cores, so long clips may ask for a coarser hop."""
-        import torch
-
-        from grym_synth.inference.export.music import import_torchcrepe
-
         samples = _mono(audio, sample_rate)
         empty = np.zeros(0, np.float32)
         if samples.size == 0:
             return empty, empty, empty
-        torchcrepe = import_torchcrepe()
         hop = int(sample_rate * hop_seconds)
         if hop < 1:
             raise ValueError(f"hop_seconds {hop_seconds} is less than one sample at {sample_rate} Hz")
-        with torch.no_grad():
-            frames = next(torchcrepe.preprocess(torch.from_numpy(samples)[None], sample_rate, hop, None, "cpu",
-                                                True)).numpy()
+        frames = await asyncio.to_thread(_crepe_frames, samples, sample_rate, hop)
         parts = await self._infer_all(CREPE, "frames", _chunks(frames, CREPE_FRAMES_PER_REQUEST),
                                       ("probabilities",), deadline)
-        probabilities = np.concatenate([p["probabilities"] for p in parts])
-        with torch.no_grad():
-            tensor = torch.from_numpy(probabilities).reshape(1, -1, 360).transpose(1, 2)
-            f0, periodicity = torchcrepe.postprocess(tensor, CREPE_FMIN, CREPE_FMAX, torchcrepe.decode.viterbi,
-                                                     False, True)
+        f0, periodicity = await asyncio.to_thread(_crepe_decode, np.concatenate([p["probabilities"] for p in parts]))
         hop_16k = int(hop * CREPE_SR / sample_rate)
         times = np.arange(frames.shape[0], dtype=np.float32) * hop_16k / CREPE_SR
-        return times, f0.numpy().reshape(-1).astype(np.float32), periodicity.numpy().reshape(-1).astype(np.float32)
+        return times, f0, periodicity
 
     # ---- silero-vad --------------------------------------------------------------------------------------------
 
     async def speech_probabilities(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
                                    ) -> np.ndarray:
         """silero's per-frame (32 ms at 16 kHz) speech probabilities for the clip, blocks chained in order."""
-        from silero_vad.sequence_vad import frame_blocks
-
-        samples = resample(_mono(audio, sample_rate), sample_rate, SILERO_SR)
+        blocks = await asyncio.to_thread(_silero_blocks, audio, sample_rate)
         hidden = cell = np.zeros(SILERO_STATE, np.float32)
         probs: list[np.ndarray] = []
-        for block in frame_blocks(samples, SILERO_FRAME, SILERO_CONTEXT, SILERO_FRAMES_PER_REQUEST):
+        for block in blocks:
             out = await self._triton.infer(SILERO_VAD, {"input": block, "h": hidden, "c": cell},
                                            ("speech_probs", "hn", "cn"), deadline=deadline)
             probs.append(out["speech_probs"].reshape(-1))
@@ -303,15 +280,125 @@ class MusicModels:
     async def voice(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
                     ) -> list[tuple[float, float]]:
         """Speech spans (start, end) in seconds by silero-vad with ``get_speech_timestamps``' defaults."""
-        from silero_vad.utils_vad import get_speech_timestamps_from_probs
-
-        samples = resample(_mono(audio, sample_rate), sample_rate, SILERO_SR)
+        samples = await asyncio.to_thread(resample, _mono(audio, sample_rate), sample_rate, SILERO_SR)
         if samples.size == 0:
             return []
         probs = await self.speech_probabilities(samples, SILERO_SR, deadline=deadline)
-        spans = get_speech_timestamps_from_probs(probs.tolist(), sampling_rate=SILERO_SR,
-                                                 audio_length_samples=samples.size)
-        return [(span["start"] / SILERO_SR, span["end"] / SILERO_SR) for span in spans]
+        return await asyncio.to_thread(_speech_spans, probs, samples.size)
+
+
+# ---- the packages' own pre- and post-processing, run in worker threads -------------------------------------------
+# WHY threads: these are CPU work (librosa, numba, torch) and, on first use, imports of torch and TensorFlow-era
+# packages that take seconds. On the event-loop thread they stalled every RPC in flight: in CI a wav2vec2 call
+# beside the first music description waited 30 s and timed out.
+
+
+def prepare_packages(served: Iterable[str]) -> list[str]:
+    """Import the packages whose pre/post-processing the served models need and run each once on a short clip, so
+    the first request pays for neither the imports nor numba's compilation. Returns what was prepared."""
+    served = set(served)
+    done: list[str] = []
+    clip = np.sin(np.linspace(0, 2 * np.pi * 440, 22_050, dtype=np.float32)) * 0.1
+    resample(clip, 22_050, 16_000)
+    if BASIC_PITCH in served:
+        _basic_pitch_windows(clip, 22_050)
+        from basic_pitch import note_creation  # noqa: F401
+
+        done.append(BASIC_PITCH)
+    if MUSICNN in served:
+        _musicnn_input(clip, 22_050, True)
+        from musicnn.configuration import MTT_LABELS  # noqa: F401
+
+        done.append(MUSICNN)
+    if CREPE in served:
+        _crepe_decode(np.full((4, 360), 1 / 360, np.float32))
+        done.append(CREPE)
+    if SILERO_VAD in served:
+        _speech_spans(np.zeros(4, np.float32), 4 * SILERO_FRAME)
+        done.append(SILERO_VAD)
+    return done
+
+
+def _basic_pitch_windows(audio: np.ndarray, sample_rate: int) -> tuple[int, np.ndarray] | None:
+    """(samples at 22.05 kHz, windows [n, AUDIO_N_SAMPLES, 1]) as ``run_inference`` cuts them; None under a frame."""
+    quiet_import_basic_pitch()
+    from basic_pitch.constants import AUDIO_N_SAMPLES, AUDIO_SAMPLE_RATE, FFT_HOP
+    from basic_pitch.inference import window_audio_file
+
+    samples = resample(_mono(audio, sample_rate), sample_rate, AUDIO_SAMPLE_RATE)
+    overlap = BASIC_PITCH_OVERLAP_FRAMES * FFT_HOP
+    if samples.size < FFT_HOP:
+        return None
+    padded = np.concatenate([np.zeros(overlap // 2, np.float32), samples])
+    windows = np.stack([w for w, _ in window_audio_file(padded, AUDIO_N_SAMPLES - overlap)]).astype(np.float32)
+    return samples.size, windows
+
+
+def _basic_pitch_unwrap(parts: list[dict[str, np.ndarray]], names: Sequence[str], n_samples: int
+                        ) -> dict[str, np.ndarray]:
+    from basic_pitch.inference import unwrap_output
+
+    return {k: unwrap_output(np.concatenate([p[k] for p in parts]), n_samples, BASIC_PITCH_OVERLAP_FRAMES)
+            for k in names}
+
+
+def _basic_pitch_notes(output: dict[str, np.ndarray]) -> list[NoteEvent]:
+    from basic_pitch import note_creation
+    from basic_pitch.constants import AUDIO_SAMPLE_RATE, FFT_HOP
+
+    min_note_len = int(np.round(MINIMUM_NOTE_LENGTH_MS / 1000 * (AUDIO_SAMPLE_RATE / FFT_HOP)))
+    _, events = note_creation.model_output_to_notes(
+        output, onset_thresh=ONSET_THRESHOLD, frame_thresh=FRAME_THRESHOLD, min_note_len=min_note_len,
+        min_freq=None, max_freq=None, multiple_pitch_bends=False, melodia_trick=True, midi_tempo=MIDI_TEMPO)
+    return notes_from_events(events)
+
+
+def _musicnn_input(audio: np.ndarray, sample_rate: int, skip_silence: bool) -> np.ndarray | None:
+    """musicnn patches of the clip at 16 kHz; None for an empty or all-zero clip when ``skip_silence``."""
+    samples = resample(_mono(audio, sample_rate), sample_rate, MUSICNN_SR)
+    if skip_silence and (samples.size == 0 or not np.any(samples)):
+        return None
+    return musicnn_patches(samples)
+
+
+def _crepe_frames(samples: np.ndarray, sample_rate: int, hop: int) -> np.ndarray:
+    import torch
+
+    from grym_synth.inference.export.music import import_torchcrepe
+
+    torchcrepe = import_torchcrepe()
+    with torch.no_grad():
+        return next(torchcrepe.preprocess(torch.from_numpy(samples)[None], sample_rate, hop, None, "cpu",
+                                          True)).numpy()
+
+
+def _crepe_decode(probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """torchcrepe's Viterbi decoding of [frames, 360] probabilities -> (f0 Hz, periodicity), float32."""
+    import torch
+
+    from grym_synth.inference.export.music import import_torchcrepe
+
+    torchcrepe = import_torchcrepe()
+    with torch.no_grad():
+        tensor = torch.from_numpy(probabilities).reshape(1, -1, 360).transpose(1, 2)
+        f0, periodicity = torchcrepe.postprocess(tensor, CREPE_FMIN, CREPE_FMAX, torchcrepe.decode.viterbi,
+                                                 False, True)
+    return f0.numpy().reshape(-1).astype(np.float32), periodicity.numpy().reshape(-1).astype(np.float32)
+
+
+def _silero_blocks(audio: np.ndarray, sample_rate: int) -> list[np.ndarray]:
+    from silero_vad.sequence_vad import frame_blocks
+
+    samples = resample(_mono(audio, sample_rate), sample_rate, SILERO_SR)
+    return list(frame_blocks(samples, SILERO_FRAME, SILERO_CONTEXT, SILERO_FRAMES_PER_REQUEST))
+
+
+def _speech_spans(probs: np.ndarray, n_samples: int) -> list[tuple[float, float]]:
+    from silero_vad.utils_vad import get_speech_timestamps_from_probs
+
+    spans = get_speech_timestamps_from_probs(probs.tolist(), sampling_rate=SILERO_SR,
+                                             audio_length_samples=n_samples)
+    return [(span["start"] / SILERO_SR, span["end"] / SILERO_SR) for span in spans]
 
 
 def notes_from_events(events: Iterable[Sequence[Any]]) -> list[NoteEvent]:
