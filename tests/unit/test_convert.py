@@ -151,8 +151,8 @@ def test_status_error_keeps_a_known_code() -> None:
     assert _status_error("NO_SUCH_CODE", "x").code == grpc.StatusCode.INTERNAL
 
 
-def test_audio_chunks_mark_the_last() -> None:
-    chunks = _audio_chunks(AudioData([b"a", b"b", b"c"], 16_000))
+async def test_audio_chunks_mark_the_last() -> None:
+    chunks = await _audio_chunks(AudioData([b"a", b"b", b"c"], 16_000))
     assert [(c.wav_data, c.chunk_index, c.last, c.sample_rate_hz) for c in chunks] == [
         (b"a", 0, False, 16_000), (b"b", 1, False, 16_000), (b"c", 2, True, 16_000)]
 

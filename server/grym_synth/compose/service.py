@@ -22,7 +22,7 @@ import logging
 import time
 import math
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -128,6 +128,10 @@ class PieceProgress:
     eta_s: float
 
 
+# What running a plan yields (Compose adds the coordinator's tokens and the chosen plan before these).
+PieceEvent = WorkflowEvent | Features | AudioData | Finished | SectionReady | PieceProgress
+
+
 def encode_output(samples: np.ndarray, rate: int, fmt: AudioFormat = AudioFormat.WAV_PCM16) -> bytes:
     """The one place where Compose turns samples into a file, in the request's output format."""
     return encode_audio(samples, rate, fmt)
@@ -219,16 +223,41 @@ class GenerateExecutor:
 
     ``in_flight`` bounds the generations one workflow has running (besides the shared generation slots): its
     windows start in plan order, so on a device where batching is not free (CPU) the first section is final
-    after a few windows instead of after all of them — time to first audio — while up to that many still batch."""
+    after a few windows instead of after all of them — time to first audio — while up to that many still batch.
+    With a bound, the windows named by :meth:`lead` (the first section's) run first and alone: the first section
+    is heard after its own generation time, not after a batch that also holds later windows."""
 
     def __init__(self, generation: GenerationService, in_flight: int = 0) -> None:
         self.generation = generation
         self.in_flight = in_flight
         self._limits: dict[str, tuple[asyncio.Semaphore, int]] = {}
+        self._lead: dict[str, tuple[set[str], asyncio.Event]] = {}
+
+    def lead(self, workflow_id: str, step_ids: Iterable[str]) -> None:
+        """The workflow's other generate steps wait until these have finished (no-op without an in-flight bound)."""
+        ids = set(step_ids)
+        if self.in_flight and ids:
+            self._lead[workflow_id] = (ids, asyncio.Event())
+
+    def forget(self, workflow_id: str) -> None:
+        self._lead.pop(workflow_id, None)
 
     async def __call__(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         if not self.in_flight:
             return await self._run(step, inputs, ctx)
+        lead = self._lead.get(ctx.workflow_id)
+        if lead is None or step.id not in lead[0]:
+            if lead is not None:
+                await lead[1].wait()
+            return await self._bounded(step, inputs, ctx)
+        try:
+            return await self._bounded(step, inputs, ctx)
+        finally:  # success or failure: a failed lead fails the workflow, which cancels the waiting steps
+            lead[0].discard(step.id)
+            if not lead[0]:
+                lead[1].set()
+
+    async def _bounded(self, step: Step, inputs: dict[str, Any], ctx: StepContext) -> dict[str, Any]:
         sem, users = self._limits.get(ctx.workflow_id, (asyncio.Semaphore(self.in_flight), 0))
         self._limits[ctx.workflow_id] = (sem, users + 1)
         try:
@@ -360,7 +389,7 @@ class ComposeService:
         self.analysis = analysis
         self.step_music: dict[str, dict[str, dict[str, Any]]] = {}  # workflow id -> analyze step id -> music_record
         analyze = AnalyzeExecutor(analysis, self.step_music)
-        generate = GenerateExecutor(generation, windows_in_flight)
+        self.generate = generate = GenerateExecutor(generation, windows_in_flight)
         self.engine = WorkflowEngine({
             "generate": generate, "vary": generate, "analyze": analyze,
             "store": TaggingStoreExecutor(patterns, analyze=analyze.embed, request_tags=self.request_tags,
@@ -444,8 +473,7 @@ class ComposeService:
     async def compose(self, request: str, *, max_tokens: int, seed: int | None, tags: Mapping[str, str],
                       deadline: float | None, request_id: str, workflow_id: str,
                       duration_s: float = 0.0, output_format: AudioFormat = AudioFormat.WAV_PCM16
-                      ) -> AsyncIterator[TokenEvent | PlanChosen | WorkflowEvent | Features |
-                                                                AudioData | Finished | SectionReady | PieceProgress]:
+                      ) -> AsyncIterator[TokenEvent | PlanChosen | PieceEvent]:
         self.validate(request, max_tokens, tags)
         duration = validate_duration(duration_s)
         recalled = await recall_for_request(self.patterns, self.feedback, request, RECALL_TOP_K)
@@ -489,8 +517,19 @@ class ComposeService:
 
     async def _run(self, plan: Plan, request: str, request_id: str, deadline: float | None, workflow_id: str,
                    transcript: dict[str, list[str]], fmt: AudioFormat = AudioFormat.WAV_PCM16
-                   ) -> AsyncIterator[WorkflowEvent | Features | AudioData |
-                                                                      Finished | SectionReady | PieceProgress]:
+                   ) -> AsyncIterator[PieceEvent]:
+        if plan.sections:  # the first section is rendered first and alone: time to first audio
+            self.generate.lead(workflow_id, (w.step_id for w in plan.sections[0].windows))
+        try:
+            async with contextlib.aclosing(self._run_plan(plan, request, request_id, deadline, workflow_id,
+                                                          transcript, fmt)) as events:
+                async for event in events:
+                    yield event
+        finally:
+            self.generate.forget(workflow_id)
+
+    async def _run_plan(self, plan: Plan, request: str, request_id: str, deadline: float | None, workflow_id: str,
+                        transcript: dict[str, list[str]], fmt: AudioFormat) -> AsyncIterator[PieceEvent]:
         run = await self.engine.start(plan, request_text=request, request_id=request_id, deadline=deadline,
                                       thinking="".join(transcript["thinking"]),
                                       answer="".join(transcript["answer"]), workflow_id=workflow_id)
