@@ -195,6 +195,28 @@ def test_compose_varies_a_recalled_pattern_from_its_stored_audio(client: Client,
     assert stored and all(p.has_audio for p in stored)  # Compose's store steps keep their audio
 
 
+def test_compose_continues_a_recalled_pattern_from_its_stored_audio(client: Client, generated) -> None:
+    """'continue pattern X' (the rule planner's recall -> continue): the new audio carries X's stored audio on, and
+    the stored result says where it came from."""
+    import json
+
+    pattern_id, _ = generated
+    events = list(client.compose(f"continue pattern {pattern_id} for 0.512 seconds, brighter, 3 steps", seed=5,
+                                 max_tokens=8))
+    summary = events[-1].summary
+    assert summary.state == pb.Workflow.STATE_SUCCEEDED, summary.error
+    plan = json.loads(next(e.plan.plan_json for e in events if e.WhichOneof("event") == "plan"))
+    assert [s["type"] for s in plan["steps"]][:2] == ["recall", "continue"]
+    done = [e.step for e in events if e.WhichOneof("event") == "step" and e.step.step_type == "continue"
+            and e.step.state == pb.ComposeStep.STATE_FINISHED]
+    assert done and json.loads(done[0].summary_json)["init_pattern_id"] == pattern_id
+    piece, rate = sf.read(io.BytesIO(b"".join(e.audio.wav_data for e in events if e.WhichOneof("event") == "audio")))
+    assert rate == RATE and abs(len(piece) / RATE - 0.512) < 0.01 and np.abs(piece).max() > 0
+    stored = [client.get_pattern(p) for p in summary.pattern_ids]
+    assert stored and all(p.has_audio and p.tags["continued_from"] == pattern_id for p in stored)
+    assert all(p.metadata["continued_from"] == pattern_id for p in stored)
+
+
 def test_a_pattern_without_audio_is_not_found(client: Client, generated) -> None:
     """Compose's rule plans store patterns with audio too; a pattern without it arises from stores made before
     audio storage: simulated here by deleting a pattern and asking for its audio (NOT_FOUND, pattern gone) —

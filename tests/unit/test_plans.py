@@ -69,11 +69,28 @@ def test_vary_pattern_id_is_shorthand_for_recall() -> None:
     assert "pattern_id" not in plan.step("v").params
 
 
+def test_continue_pattern_id_is_shorthand_for_recall_with_defaults() -> None:
+    plan = validate_plan(plan_with({"id": "c", "type": "continue", "params": {"pattern_id": "p-1"}}))
+    assert [s.type for s in plan.steps] == ["recall", "continue"] and plan.output == ("c",)
+    assert str(plan.step("c").inputs["from"]) == f"{plan.steps[0].id}.pattern"
+    assert plan.step("c").params == {"duration_s": 5.0}, "5 s of new audio unless the step says otherwise"
+
+
+def test_continue_audio_feeds_analyze_and_store() -> None:
+    plan = validate_plan(plan_with(
+        {"id": "c", "type": "continue", "params": {"pattern_id": "p-1", "duration_s": 3, "steps": 4}},
+        {"id": "a", "type": "analyze", "inputs": {"audio": "c.audio"}},
+        {"id": "k", "type": "store", "inputs": {"from": "a.embedding"}}))
+    assert plan.step("c").params == {"duration_s": 3.0, "steps": 4}
+    with pytest.raises(InvalidArgument, match="strength"):  # vary's knob is not a continuation's
+        validate_plan(plan_with({"id": "c", "type": "continue", "params": {"pattern_id": "p-1", "strength": 0.5}}))
+
+
 # --- validation: every error path -----------------------------------------------------------------------------------
 ERROR_CASES: list[tuple[str, Any, str]] = [
     ("not an object", [1, 2], "must be a JSON object"),
     ("unknown type", plan_with({"id": "x", "type": "compose", "params": {}}),
-     "step 'x': unknown step type 'compose'; known: analyze, generate, recall, store, vary"),
+     "step 'x': unknown step type 'compose'; known: analyze, continue, generate, recall, store, vary"),
     ("wrong version", {**plan_with(gen()), "version": 2}, "plan field 'version'"),
     ("missing intent", {"version": 1, "steps": [gen()]}, "'intent' is a required property"),
     ("no steps", plan_with(), "a plan needs 'sections'"),
@@ -110,7 +127,7 @@ ERROR_CASES: list[tuple[str, Any, str]] = [
      "step 'a' input 'audio' references gen.wave, but generate steps output: audio, sample_rate_hz"),
     ("wrong source type", plan_with({"id": "r", "type": "recall", "params": {"query": "piano"}},
                                     {"id": "a", "type": "analyze", "inputs": {"audio": "r.pattern"}}),
-     "step 'a' input 'audio' must come from a generate or vary step, not recall step 'r'"),
+     "step 'a' input 'audio' must come from a generate, vary or continue step, not recall step 'r'"),
     ("wrong output for input", plan_with(gen(), {"id": "s", "type": "store", "inputs": {"from": "gen.params"}}),
      "step 's' input 'from' takes audio of generate step 'gen', not 'params'"),
     ("unknown input", plan_with(gen(), {"id": "a", "type": "analyze", "inputs": {"wave": "gen.audio"}}),
@@ -376,3 +393,15 @@ def test_planning_limits_are_read_from_the_published_schema() -> None:
     rules = RuleBasedPlanner()
     assert (rules.default_duration_s, rules.steps, rules.guidance_scale, rules.scheduler) == tuple(
         GENERATE_DEFAULTS[k] for k in ("duration_s", "steps", "guidance_scale", "scheduler"))
+
+
+def test_rules_continue_a_named_pattern() -> None:
+    plan = RuleBasedPlanner().plan("continue pattern abc-123 for 6 seconds, darker, 3 steps, seed 9", [])
+    assert [s.type for s in plan.steps] == ["recall", "continue", "analyze", "store"] and plan.output == ("continue",)
+    assert plan.step("recall").params == {"pattern_id": "abc-123", "top_k": 1}
+    assert plan.step("continue").params == {"duration_s": 6.0, "prompt_suffix": "darker", "steps": 3, "seed": 9}
+    assert plan.step("store").params["tags"]["continued_from"] == "abc-123"
+    assert plan.intent.startswith("6 s continuing pattern abc-123")
+    for text in ("extend pattern abc-123", "a continuation of pattern abc-123 with strings"):
+        assert RuleBasedPlanner().plan(text, []).step("continue").inputs["from"].step == "recall"
+    assert "continue" not in {s.type for s in RuleBasedPlanner().plan("like pattern abc-123", []).steps}

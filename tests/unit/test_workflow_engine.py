@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from grym_synth.core.errors import FailedPrecondition, Unavailable
+from grym_synth.memory.audio_store import AUDIO_SHA_KEY
 from grym_synth.memory.store import PatternRecord
 from grym_synth.planning.plan import Ref, Step
-from grym_synth.workflow.adapters import Link, RecallToVary
+from grym_synth.workflow.adapters import Link, RecallToContinue, RecallToVary
 from grym_synth.workflow.engine import WorkflowEngine
 from grym_synth.workflow.events import (PlanAccepted, StepCancelled, StepFailed, StepFinished, StepProgress,
                                         StepStarted, WorkflowCancelled, WorkflowEvent, WorkflowFailed, WorkflowFinished)
@@ -118,6 +119,21 @@ def test_recall_to_vary_without_provenance_uses_tags() -> None:
     with pytest.raises(FailedPrecondition, match="found no pattern"):
         RecallToVary()(Link("from", Ref("r", "pattern"), Step("r", "recall", {}), {"pattern": None, "patterns": []},
                             Step("v", "vary", {"strength": 0.3}), "wf"))
+
+
+def test_recall_to_continue_needs_stored_audio_and_moves_the_seed() -> None:
+    def link(record: PatternRecord, **params: Any) -> Link:
+        return Link("from", Ref("r", "pattern"), Step("r", "recall", {}), {"pattern": record, "patterns": [record]},
+                    Step("c", "continue", {"duration_s": 5.0, **params}), "wf")
+
+    with pytest.raises(FailedPrecondition, match="has no stored audio"):
+        RecallToContinue()(link(pattern(PROVENANCE)))
+    with_audio = pattern({**PROVENANCE, AUDIO_SHA_KEY: "ab" * 32})
+    got = RecallToContinue()(link(with_audio, prompt_suffix="darker", steps=3))
+    assert got["init_pattern_id"] == "p-1" and got["continued_from"] == "p-1" and got["original_seed"] == 41
+    assert (got["params"]["seed"], got["params"]["duration_s"], got["params"]["steps"]) == (42, 5.0, 3)
+    assert got["params"]["prompt"] == "calm piano, darker"
+    assert RecallToContinue()(link(with_audio, seed=7))["params"]["seed"] == 7
 
 
 # --- failure and cancellation -----------------------------------------------------------------------------------------

@@ -41,7 +41,7 @@ from grym_synth.inference.export.coordinator import DEFAULT_MAX_TOKENS, GENERATI
 from grym_synth.memory.learning import FeedbackStore, detect_clusters, recall_for_request
 from grym_synth.memory.store import PatternRecord, PatternStore, validate_tags
 from grym_synth.planning.choose import choose_plan
-from grym_synth.planning.plan import Plan, Step
+from grym_synth.planning.plan import FROM_PATTERN_STEPS, Plan, Step
 from grym_synth.planning.schema import MAX_PIECE_S, MIN_PIECE_S
 from grym_synth.planning.prompt import plan_instructions
 from grym_synth.planning.request import parse_request
@@ -219,7 +219,7 @@ class ProgressTracker:
 
 # --- executors: plan steps on the real models -------------------------------------------------------------------------
 class GenerateExecutor:
-    """generate / vary: AudioLDM on Triton; denoising progress becomes step progress.
+    """generate / vary / continue: AudioLDM on Triton; denoising progress becomes step progress.
 
     ``in_flight`` bounds the generations one workflow has running (besides the shared generation slots): its
     windows start in plan order, so on a device where batching is not free (CPU) the first section is final
@@ -277,9 +277,9 @@ class GenerateExecutor:
                           float(q["duration_s"]),
                           int(q["steps"]), float(q["guidance_scale"]), int(q["seed"]), str(q["scheduler"]),
                           self.generation.max_duration_s)
-        if step.type == "vary" and inputs.get("init_pattern_id"):  # audio-to-audio from the recalled pattern
+        if step.type in FROM_PATTERN_STEPS and inputs.get("init_pattern_id"):  # from the recalled pattern's audio
             params = await self.generation.with_init(params, InitSpec(
-                mode="vary", pattern_id=str(inputs["init_pattern_id"]),
+                mode=step.type, pattern_id=str(inputs["init_pattern_id"]),
                 strength=float(inputs.get("strength", DEFAULT_INIT_STRENGTH))))
         samples, seed, cached = np.zeros(0, np.float32), params.seed or 0, False
         # Waits for one of the generation slots shared with Generate; cancelling the step (the client went away,
@@ -294,7 +294,7 @@ class GenerateExecutor:
                     samples, seed, cached = item
         return {"audio": samples, "sample_rate_hz": TARGET_RATE_HZ, "seed": seed, "cached": cached,
                 "duration_s": len(samples) / TARGET_RATE_HZ, "params": dict(q),
-                "init_pattern_id": params.init_pattern_id}  # set when a vary step started from stored audio
+                "init_pattern_id": params.init_pattern_id}  # set when a vary/continue step started from stored audio
 
 
 def result_audio(audio: Any, rate: int | None) -> np.ndarray:
@@ -391,7 +391,7 @@ class ComposeService:
         analyze = AnalyzeExecutor(analysis, self.step_music)
         self.generate = generate = GenerateExecutor(generation, windows_in_flight)
         self.engine = WorkflowEngine({
-            "generate": generate, "vary": generate, "analyze": analyze,
+            "generate": generate, "vary": generate, "continue": generate, "analyze": analyze,
             "store": TaggingStoreExecutor(patterns, analyze=analyze.embed, request_tags=self.request_tags,
                                           analysis=analysis, step_music=self.step_music),
             "recall": RecallExecutor(patterns, feedback),

@@ -1,6 +1,6 @@
 """The plan model: step types and what they produce and accept, :class:`Plan` / :class:`Step` / :class:`Ref`, and seeds.
 
-A plan is a small DAG of steps (generate, analyze, store, recall, vary) that the workflow engine
+A plan is a small DAG of steps (generate, analyze, store, recall, vary, continue) that the workflow engine
 (:mod:`grym_synth.workflow.engine`) runs. Plans are built only by :func:`grym_synth.planning.validation.validate_plan`,
 so a :class:`Plan` is always valid.
 
@@ -20,9 +20,9 @@ from typing import Any, Literal
 
 from grym_synth.inference.export.audioldm import DEFAULT_SCHEDULER
 
-StepType = Literal["generate", "analyze", "store", "recall", "vary"]
+StepType = Literal["generate", "analyze", "store", "recall", "vary", "continue"]
 PlannerName = Literal["coordinator", "rules"]
-STEP_TYPES: tuple[str, ...] = ("analyze", "generate", "recall", "store", "vary")
+STEP_TYPES: tuple[str, ...] = ("analyze", "continue", "generate", "recall", "store", "vary")
 PLAN_VERSION = 1
 
 # What each step type produces. Audio-producing steps also return the parameters they rendered with ("params") and
@@ -30,24 +30,30 @@ PLAN_VERSION = 1
 OUTPUTS: dict[str, tuple[str, ...]] = {
     "generate": ("audio", "sample_rate_hz", "params", "provenance"),
     "vary": ("audio", "sample_rate_hz", "params", "provenance"),
+    "continue": ("audio", "sample_rate_hz", "params", "provenance"),
     "analyze": ("embedding", "duration_s", "provenance"),
     "store": ("pattern_id", "pattern"),
     "recall": ("patterns", "pattern"),
 }
 # The output a bare "<step_id>" reference means.
 MAIN_OUTPUT: dict[str, str] = {
-    "generate": "audio", "vary": "audio", "analyze": "embedding", "store": "pattern_id", "recall": "pattern",
+    "generate": "audio", "vary": "audio", "continue": "audio", "analyze": "embedding", "store": "pattern_id", "recall": "pattern",
 }
 # target type -> input name -> source type -> outputs that input accepts.
 INPUT_RULES: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
     "generate": {},
-    "analyze": {"audio": {"generate": ("audio",), "vary": ("audio",)}},
-    "store": {"from": {"generate": ("audio",), "vary": ("audio",), "analyze": ("embedding",)}},
+    "analyze": {"audio": {"generate": ("audio",), "vary": ("audio",), "continue": ("audio",)}},
+    "store": {"from": {"generate": ("audio",), "vary": ("audio",), "continue": ("audio",),
+                       "analyze": ("embedding",)}},
     "recall": {"embedding": {"analyze": ("embedding",)}},
     "vary": {"from": {"recall": ("pattern", "patterns")}},
+    "continue": {"from": {"recall": ("pattern", "patterns")}},
 }
-REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {"analyze": ("audio",), "store": ("from",), "vary": ("from",)}
-AUDIO_STEPS = ("generate", "vary")
+REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {"analyze": ("audio",), "store": ("from",), "vary": ("from",),
+                                               "continue": ("from",)}
+# Steps that start from a recalled pattern (its stored audio, else its provenance).
+FROM_PATTERN_STEPS = ("vary", "continue")
+AUDIO_STEPS = ("generate", *FROM_PATTERN_STEPS)
 
 GENERATE_DEFAULTS: dict[str, Any] = {
     "negative_prompt": "", "duration_s": 10.0, "steps": 25, "guidance_scale": 2.5, "scheduler": DEFAULT_SCHEDULER,
@@ -55,6 +61,9 @@ GENERATE_DEFAULTS: dict[str, Any] = {
 }
 GENERATE_KEYS = ("prompt", "negative_prompt", "duration_s", "steps", "guidance_scale", "seed", "scheduler", "model")
 VARY_DEFAULTS: dict[str, Any] = {"strength": 0.35, "variation": 1}
+# A continuation renders this much new audio unless it says otherwise (its context comes on top, within the model's
+# window).
+CONTINUE_DEFAULTS: dict[str, Any] = {"duration_s": 5.0}
 RECALL_DEFAULT_TOP_K = 3
 SEED_MAX = 2**63 - 1  # seeds are non-negative int64: what torch generators and the Generate API accept
 

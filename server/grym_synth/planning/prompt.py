@@ -31,7 +31,7 @@ def plan_instructions(recalled: Sequence[PatternRecord] = ()) -> str:
              '{"version": 1, "intent": str, "steps": [{"id", "type", "params", "inputs", "depends_on"}], '
              '"output": [audio step ids in playback order]}. An input is "<step_id>.<output>".',
              f"One generate step renders at most {MAX_SEGMENT_S:g} s: split longer pieces into several."]
-    for step_type in ("generate", "analyze", "store", "recall", "vary"):
+    for step_type in ("generate", "analyze", "store", "recall", "vary", "continue"):
         props = defs[f"{step_type}_params"]["properties"]
         params = ", ".join(f"{name}{_range(spec)}" for name, spec in props.items())
         inputs = "; ".join(f"{name} <- {'/'.join(f'{s}.{o}' for s, outs in src.items() for o in outs)}"
@@ -40,7 +40,7 @@ def plan_instructions(recalled: Sequence[PatternRecord] = ()) -> str:
                      f"{', '.join(OUTPUTS[step_type])}")
     lines.append("Example:\n```json\n" + json.dumps(EXAMPLE_PLAN) + "\n```")
     if recalled:
-        lines.append("Stored patterns you may vary (vary params.pattern_id):")
+        lines.append("Stored patterns you may vary or continue (params.pattern_id):")
         for p in recalled[:10]:
             prompt = p.metadata.get("prompt", "")[:120]
             tags = ", ".join(f"{k}={v}" for k, v in sorted(p.tags.items()))[:120]

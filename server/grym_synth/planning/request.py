@@ -54,6 +54,9 @@ _DYNAMICS = re.compile(r"\bslow[- ]?build(?:ing)?\b|\bslowly\s+build(?:s|ing)?\b
 _STEPS = re.compile(r"\b(\d{1,3})\s*(?:denoising\s+|diffusion\s+)?steps?\b", re.I)
 _SEED = re.compile(r"\bseed\s*[:=#]?\s*(\d{1,19})\b", re.I)
 _LIKE_PATTERN = re.compile(r"\blike\s+pattern\s+#?([A-Za-z0-9][A-Za-z0-9_-]{0,63})", re.I)
+# "continue pattern X", "extend pattern X", "a continuation of pattern X": new audio that carries X on.
+_CONTINUE_PATTERN = re.compile(
+    r"\b(?:continue|extend|continuation\s+of)\s+pattern\s+#?([A-Za-z0-9][A-Za-z0-9_-]{0,63})", re.I)
 _LIKE_ID = re.compile(r"\blike\s+#?([A-Za-z0-9][A-Za-z0-9_-]{0,63})", re.I)
 _UUIDISH = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{4}){3}-[0-9a-f]{12}$|^[0-9a-f]{8,}$", re.I)
 _EXCLUDE = re.compile(r"\b(?:no|without|minus)\s+(?:any\s+)?([a-z0-9-]+(?:\s[a-z]+)?)", re.I)
@@ -72,6 +75,7 @@ class RequestFeatures:
     tempo_word: str | None = None
     era: str | None = None
     pattern_id: str | None = None
+    continues: bool = False  # "continue pattern X": carry X on (a continue step) instead of varying it
     seed: int | None = None
     strength: float | None = None
     steps: int | None = None  # "in 10 denoising steps": a quick draft
@@ -85,7 +89,8 @@ class RequestFeatures:
 def parse_request(text: str, known_ids: Iterable[str] = ()) -> RequestFeatures:
     """Deterministic reading of a free-text request; nothing here calls a model."""
     lowered = text.lower()
-    pattern_id = _find_pattern_id(text, set(known_ids))
+    continued = _CONTINUE_PATTERN.search(text)
+    pattern_id = continued.group(1) if continued else _find_pattern_id(text, set(known_ids))
     duration, spans = _find_duration(text)
     excluded = _find_excluded(lowered)
     instruments = tuple(i for i in _find_terms(lowered, INSTRUMENTS) if i not in excluded)
@@ -95,7 +100,8 @@ def parse_request(text: str, known_ids: Iterable[str] = ()) -> RequestFeatures:
     features = RequestFeatures(
         duration_s=duration, moods=_find_terms(lowered, MOODS), genres=_find_terms(lowered, GENRES),
         instruments=instruments, excluded=excluded, tempo_bpm=tempo_bpm, tempo_word=tempo_word, era=_find_era(text),
-        pattern_id=pattern_id, seed=wrap_seed(int(seed_match.group(1))) if seed_match else None,
+        pattern_id=pattern_id, continues=continued is not None,
+        seed=wrap_seed(int(seed_match.group(1))) if seed_match else None,
         strength=_find_strength(lowered),
         steps=min(max(int(steps_match.group(1)), 1), MAX_STEPS) if steps_match else None,
     )
@@ -203,7 +209,7 @@ def _extra_words(text: str, spans: Sequence[tuple[int, int]], f: RequestFeatures
     """Content words the vocabularies did not cover ("rain", "vinyl crackle"), kept for the prompt."""
     for start, end in sorted(spans, reverse=True):
         text = text[:start] + " " + text[end:]
-    text = _LIKE_PATTERN.sub(" ", text)
+    text = _CONTINUE_PATTERN.sub(" ", _LIKE_PATTERN.sub(" ", text))
     if f.pattern_id:
         text = text.replace(f.pattern_id, " ")
     text = _SEED.sub(" ", _BPM.sub(" ", _STEPS.sub(" ", text)))

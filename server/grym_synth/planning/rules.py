@@ -5,7 +5,8 @@ A request for new music becomes a *piece of sections* (see :func:`piece_sections
 lists ("intro, verse, chorus, outro"); "slow build", "fade in/out" and "loud climax" become the sections' intensity
 curves. Validation lays sections out as model windows. Lengths come from ComposeRequest.duration_seconds, else the
 text ("90 second", "4 minutes", "1:30"), else the default; beyond ``max_duration_s`` (600 s) they are clamped and the
-intent says so. A variation of a stored pattern keeps the older form: vary steps of at most ``MAX_SEGMENT_S``.
+intent says so. A variation of a stored pattern keeps the older form: vary steps of at most ``MAX_SEGMENT_S``;
+"continue pattern X" is one continue step that carries X's stored audio on.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from grym_synth.memory.store import MAX_TAG_VALUE, PatternRecord
-from grym_synth.planning.plan import (AUDIO_STEPS, GENERATE_DEFAULTS, PLAN_VERSION, VARY_DEFAULTS, Plan, derive_seed,
-                                      wrap_seed)
+from grym_synth.planning.plan import (AUDIO_STEPS, CONTINUE_DEFAULTS, GENERATE_DEFAULTS, PLAN_VERSION, VARY_DEFAULTS,
+                                      Plan, derive_seed, wrap_seed)
 from grym_synth.planning.request import (RequestFeatures, build_prompt, negative_prompt, parse_request,
                                          variation_suffix)
 from grym_synth.planning.schema import (MAX_GUIDANCE, MAX_INTENT_CHARS, MAX_PIECE_S, MAX_PROMPT_CHARS, MAX_SEGMENT_S,
@@ -95,7 +96,11 @@ class RuleBasedPlanner:
         duration, clamped = self._duration(f)
         base_seed = f.seed if f.seed is not None else derive_seed(" ".join(request.lower().split()))
         data: dict[str, Any]
-        if f.pattern_id:
+        if f.pattern_id and f.continues:
+            named = next((r for r in recalled if r.id == f.pattern_id), None)
+            steps, intent = self._continuation_steps(f, kept_music(named, f))
+            data = {"steps": steps, "output": [s["id"] for s in steps if s["type"] in AUDIO_STEPS]}
+        elif f.pattern_id:
             named = next((r for r in recalled if r.id == f.pattern_id), None)
             steps, intent = self._variation_steps(f, _split(duration), kept_music(named, f))
             data = {"steps": steps, "output": [s["id"] for s in steps if s["type"] in AUDIO_STEPS]}
@@ -169,6 +174,26 @@ class RuleBasedPlanner:
         what = f"{sum(segments):g} s" if f.duration_s is not None else "a variation"
         return steps, f"{what} like pattern {f.pattern_id}" + (f", {suffix}" if suffix else "")
 
+    def _continuation_steps(self, f: RequestFeatures, keep: str = "") -> tuple[list[dict[str, Any]], str]:
+        """New audio carrying the named pattern on from its stored audio (one continue step: the model's window
+        holds the pattern's last seconds plus the new part), kept in pattern memory like any rendered segment."""
+        suffix = ", ".join(p for p in (variation_suffix(f), keep) if p)[:MAX_PROMPT_SUFFIX_CHARS]
+        params: dict[str, Any] = {}
+        if f.duration_s is not None:
+            params["duration_s"] = min(max(f.duration_s, MIN_SEGMENT_S), MAX_SEGMENT_S)
+        if suffix:
+            params["prompt_suffix"] = suffix
+        if f.seed is not None:
+            params["seed"] = f.seed
+        if f.steps is not None:
+            params["steps"] = f.steps
+        steps: list[dict[str, Any]] = [
+            {"id": "recall", "type": "recall", "params": {"pattern_id": f.pattern_id, "top_k": 1}},
+            {"id": "continue", "type": "continue", "params": params, "inputs": {"from": "recall.pattern"}},
+            *self._keep_steps("continue", f, 1, 1)]
+        seconds = params.get("duration_s", CONTINUE_DEFAULTS["duration_s"])
+        return steps, f"{seconds:g} s continuing pattern {f.pattern_id}" + (f", {suffix}" if suffix else "")
+
     def _keep_steps(self, audio_id: str, f: RequestFeatures, index: int, total: int) -> list[dict[str, Any]]:
         """Analyze and store each rendered segment, so pattern memory learns from what was composed."""
         if not self.store_results:
@@ -203,7 +228,7 @@ def _tags(f: RequestFeatures, index: int, total: int) -> dict[str, str]:
     if f.era:
         tags["era"] = f.era
     if f.pattern_id:
-        tags["varied_from"] = f.pattern_id
+        tags["continued_from" if f.continues else "varied_from"] = f.pattern_id
     if total > 1:
         tags["segment"] = f"{index}/{total}"
     return tags

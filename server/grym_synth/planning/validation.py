@@ -17,9 +17,10 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 from grym_synth.core.errors import InvalidArgument
-from grym_synth.planning.plan import (AUDIO_STEPS, GENERATE_DEFAULTS, GENERATE_KEYS, INPUT_RULES, MAIN_OUTPUT, OUTPUTS,
-                                      RECALL_DEFAULT_TOP_K, REQUIRED_INPUTS, SECTION_DEFAULTS, STEP_TYPES,
-                                      VARY_DEFAULTS, Plan, PlannerName, Ref, Section, Step, derive_seed, wrap_seed)
+from grym_synth.planning.plan import (AUDIO_STEPS, CONTINUE_DEFAULTS, FROM_PATTERN_STEPS, GENERATE_DEFAULTS,
+                                      GENERATE_KEYS, INPUT_RULES, MAIN_OUTPUT, OUTPUTS, RECALL_DEFAULT_TOP_K,
+                                      REQUIRED_INPUTS, SECTION_DEFAULTS, STEP_TYPES, VARY_DEFAULTS, Plan, PlannerName,
+                                      Ref, Section, Step, derive_seed, wrap_seed)
 from grym_synth.planning.schema import MAX_PIECE_S, MAX_PROMPT_CHARS, MAX_SEGMENT_S, plan_schema
 from grym_synth.planning.sections import DURATION_TOLERANCE_S, WindowSpec, intensity_words, layout
 
@@ -230,14 +231,15 @@ def _check_unique_ids(raw_steps: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _expand_vary_shorthand(raw_steps: list[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """``vary {pattern_id}`` without an input is shorthand for a recall of that pattern feeding the vary step, so
-    executors only ever vary a recalled pattern (one code path) and the recall shows up as its own step."""
+    """``vary {pattern_id}`` (or ``continue {pattern_id}``) without an input is shorthand for a recall of that
+    pattern feeding the step, so executors only ever start from a recalled pattern (one code path) and the recall
+    shows up as its own step."""
     ids = {s["id"] for s in raw_steps}
     out: list[Mapping[str, Any]] = []
     for raw in raw_steps:
         params = dict(raw.get("params") or {})
         inputs = dict(raw.get("inputs") or {})
-        if raw["type"] != "vary" or "pattern_id" not in params:
+        if raw["type"] not in FROM_PATTERN_STEPS or "pattern_id" not in params:
             out.append(raw)
             continue
         if inputs:
@@ -264,8 +266,8 @@ def _build_step(raw: Mapping[str, Any], types: Mapping[str, str], intent: str) -
               for name, text in (raw.get("inputs") or {}).items()}
     for required in REQUIRED_INPUTS.get(step_type, ()):
         if required not in inputs:
-            sources = " or ".join(INPUT_RULES[step_type][required])
-            extra = " or param 'pattern_id'" if step_type == "vary" else ""
+            sources = _either(INPUT_RULES[step_type][required])
+            extra = " or param 'pattern_id'" if step_type in FROM_PATTERN_STEPS else ""
             raise InvalidArgument(f"step {step_id!r} needs input {required!r} (from a {sources} step){extra}")
     depends_on = tuple(str(d) for d in raw.get("depends_on") or ())
     for dep in depends_on:
@@ -273,6 +275,12 @@ def _build_step(raw: Mapping[str, Any], types: Mapping[str, str], intent: str) -
             raise InvalidArgument(f"step {step_id!r} depends on unknown step {dep!r}")
     params = _normalise_params(step_id, step_type, dict(raw.get("params") or {}), inputs, intent)
     return Step(id=step_id, type=step_type, params=params, inputs=inputs, depends_on=depends_on)
+
+
+def _either(names: Sequence[str]) -> str:
+    """"generate, vary or continue" (names in the order given)."""
+    names = list(names)
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 def _resolve_ref(step_id: str, step_type: str, name: str, text: str, types: Mapping[str, str]) -> Ref:
@@ -286,7 +294,7 @@ def _resolve_ref(step_id: str, step_type: str, name: str, text: str, types: Mapp
                               f"steps output: {', '.join(OUTPUTS[source_type])}")
     accepted = INPUT_RULES[step_type][name]
     if source_type not in accepted:
-        raise InvalidArgument(f"step {step_id!r} input {name!r} must come from a {' or '.join(accepted)} step, "
+        raise InvalidArgument(f"step {step_id!r} input {name!r} must come from a {_either(accepted)} step, "
                               f"not {source_type} step {source!r}")
     if output not in accepted[source_type]:
         raise InvalidArgument(f"step {step_id!r} input {name!r} takes {' or '.join(accepted[source_type])} of "
@@ -308,6 +316,13 @@ def _normalise_params(step_id: str, step_type: str, params: dict[str, Any], inpu
         full = {**VARY_DEFAULTS, **params}
         full["strength"] = float(full["strength"])
         for key in ("seed", "steps", "variation"):
+            if key in full:
+                full[key] = int(full[key])
+        return full
+    if step_type == "continue":
+        full = {**CONTINUE_DEFAULTS, **params}
+        full["duration_s"] = float(full["duration_s"])
+        for key in ("seed", "steps"):
             if key in full:
                 full[key] = int(full[key])
         return full
@@ -351,7 +366,7 @@ def _check_output(output: Any, steps: Sequence[Step]) -> tuple[str, ...]:
         if step_id not in types:
             raise InvalidArgument(f"plan output names unknown step {step_id!r}")
         if types[step_id] not in AUDIO_STEPS:
-            raise InvalidArgument(f"plan output {step_id!r} is a {types[step_id]} step; only generate and vary "
-                                  "steps produce audio")
+            raise InvalidArgument(f"plan output {step_id!r} is a {types[step_id]} step; only generate, vary and "
+                                  "continue steps produce audio")
     return tuple(output)
 

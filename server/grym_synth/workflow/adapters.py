@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Protocol
 
 from grym_synth.core.errors import FailedPrecondition
 from grym_synth.memory.store import PatternRecord
-from grym_synth.planning.plan import (GENERATE_DEFAULTS, GENERATE_KEYS, VARY_DEFAULTS, Plan, Ref, Step, derive_seed,
-                                      wrap_seed)
+from grym_synth.planning.plan import (AUDIO_STEPS, CONTINUE_DEFAULTS, GENERATE_DEFAULTS, GENERATE_KEYS, VARY_DEFAULTS,
+                                      Plan, Ref, Step, derive_seed, wrap_seed)
 from grym_synth.planning.schema import MAX_PROMPT_CHARS, MAX_SEGMENT_S, MIN_SEGMENT_S
 
 PROVENANCE_KEYS = GENERATE_KEYS
@@ -108,7 +108,7 @@ class ContextAdapter(Protocol):
 class GenerateToAnalyze:
     """Pass the waveform (and its provenance, which analysis hands on to a store step)."""
 
-    sources: ClassVar[tuple[str, ...]] = ("generate", "vary")
+    sources: ClassVar[tuple[str, ...]] = AUDIO_STEPS
     target: ClassVar[str] = "analyze"
 
     def __call__(self, link: Link) -> dict[str, Any]:
@@ -132,7 +132,7 @@ class AnalysisToStore:
 class GenerateToStore:
     """Store straight from audio: the store executor analyses it first."""
 
-    sources: ClassVar[tuple[str, ...]] = ("generate", "vary")
+    sources: ClassVar[tuple[str, ...]] = AUDIO_STEPS
     target: ClassVar[str] = "store"
 
     def __call__(self, link: Link) -> dict[str, Any]:
@@ -173,23 +173,52 @@ class RecallToVary:
         original_seed = params["seed"]
         params["seed"] = int(p["seed"]) if "seed" in p else (
             original_seed if strength == 0 else wrap_seed(original_seed + variation))
-        for key in ("negative_prompt", "duration_s", "steps", "guidance_scale", "scheduler", "model"):
-            if key in p:
-                params[key] = p[key]
-        if p.get("prompt_suffix"):
-            params["prompt"] = f"{params['prompt']}, {p['prompt_suffix']}"[:MAX_PROMPT_CHARS]
+        _override(params, p)
         # A pattern with stored audio is varied audio-to-audio (VARY from its audio at this strength); one without
         # is re-rendered from its provenance with the moved seed, as before.
         return {"params": params, "varied_from": record.id, "strength": strength, "variation": variation,
                 "original_seed": original_seed, "init_pattern_id": record.id if record.audio_sha256 else ""}
 
 
+class RecallToContinue:
+    """A recalled pattern's stored audio becomes the context of a continuation: the recalled prompt (plus
+    ``prompt_suffix``), the pattern's seed + 1 unless the step gives one, and ``duration_s`` of new audio (default
+    5 s). A pattern without stored audio cannot be continued: FAILED_PRECONDITION naming it."""
+
+    sources: ClassVar[tuple[str, ...]] = ("recall",)
+    target: ClassVar[str] = "continue"
+
+    def __call__(self, link: Link) -> dict[str, Any]:
+        record = _recalled_pattern(link)
+        if not record.audio_sha256:
+            raise FailedPrecondition(f"pattern {record.id!r} has no stored audio for continue step "
+                                     f"{link.target.id!r} to carry on; continue a pattern made by Generate or Compose "
+                                     "(they keep their audio), or vary it instead")
+        params = generate_params_from_pattern(record)
+        p = link.target.params
+        original_seed = params["seed"]
+        params["seed"] = int(p["seed"]) if "seed" in p else wrap_seed(original_seed + 1)
+        params["duration_s"] = float(CONTINUE_DEFAULTS["duration_s"])
+        _override(params, p)
+        return {"params": params, "continued_from": record.id, "original_seed": original_seed,
+                "init_pattern_id": record.id}
+
+
+def _override(params: dict[str, Any], step_params: Mapping[str, Any]) -> None:
+    """The vary/continue step's own settings over the recalled ones, and its prompt suffix."""
+    for key in ("negative_prompt", "duration_s", "steps", "guidance_scale", "scheduler", "model"):
+        if key in step_params:
+            params[key] = step_params[key]
+    if step_params.get("prompt_suffix"):
+        params["prompt"] = f"{params['prompt']}, {step_params['prompt_suffix']}"[:MAX_PROMPT_CHARS]
+
+
 def _recalled_pattern(link: Link) -> PatternRecord:
     value = link.outputs.get(link.ref.output)
     record = value[0] if isinstance(value, list) and value else value
     if not isinstance(record, PatternRecord):
-        raise FailedPrecondition(f"recall step {link.source.id!r} found no pattern for vary step "
-                                 f"{link.target.id!r} to vary")
+        raise FailedPrecondition(f"recall step {link.source.id!r} found no pattern for {link.target.type} step "
+                                 f"{link.target.id!r} to start from")
     return record
 
 
@@ -231,4 +260,4 @@ def base_inputs(step: Step) -> dict[str, Any]:
 
 def default_adapters() -> AdapterRegistry:
     return AdapterRegistry([GenerateToAnalyze(), AnalysisToStore(), GenerateToStore(), AnalysisToRecall(),
-                            RecallToVary()])
+                            RecallToVary(), RecallToContinue()])

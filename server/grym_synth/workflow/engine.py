@@ -302,7 +302,8 @@ class WorkflowEngine:
         out = dict(outputs)
         if step.type in AUDIO_STEPS:
             out.setdefault("params", dict(inputs.get("params") or {}))
-            extra = {k: inputs.get(k) for k in ("varied_from", "strength", "variation", "original_seed")}
+            extra = {k: inputs.get(k) for k in ("varied_from", "continued_from", "strength", "variation",
+                                                "original_seed")}
             out.setdefault("provenance", provenance(step, out["params"], extra))
         elif inputs.get("provenance") is not None:
             out.setdefault("provenance", inputs["provenance"])

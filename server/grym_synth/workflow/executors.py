@@ -7,8 +7,10 @@ type       inputs                                                               
 =========  ======================================================================  ============================
 generate   ``params``: prompt, negative_prompt, duration_s, steps, guidance_scale,  ``audio`` (np.ndarray),
            seed, scheduler, model                                                  ``sample_rate_hz``
-vary       same ``params`` (from the recalled pattern) + ``varied_from``,           same as generate
-           ``strength``, ``variation``
+vary       same ``params`` (from the recalled pattern) + ``varied_from``,          same as generate
+           ``strength``, ``variation``, ``init_pattern_id`` (its stored audio)
+continue   same ``params`` (recalled prompt, seed + 1) + ``continued_from``,       same as generate (the new
+           ``init_pattern_id`` (the stored audio whose end is the context)         audio only)
 analyze    ``audio``, ``sample_rate_hz``, ``provenance``                            ``embedding``, ``duration_s``
 store      ``embedding``, ``duration_s``, ``metadata``, ``tags`` — or ``audio``,    ``pattern_id``, ``pattern``
            ``sample_rate_hz``, ``duration_s``, ``metadata``, ``tags`` from audio
@@ -16,7 +18,8 @@ recall     ``{}`` or ``embedding`` (params: query, tags, pattern_id, top_k)     
 =========  ======================================================================  ============================
 
 :class:`RecallExecutor` and :class:`StoreExecutor` below implement recall and store over pattern memory; the
-model-backed executors (generate/vary on AudioLDM, analyze on wav2vec2) live in :mod:`grym_synth.compose.service`.
+model-backed executors (generate/vary/continue on AudioLDM, analyze on wav2vec2) live in
+:mod:`grym_synth.compose.service`.
 """
 
 from __future__ import annotations
