@@ -12,17 +12,16 @@ and what the init audio costs (the vae_encoder call and, for CONTINUE, the longe
 from __future__ import annotations
 
 import argparse
-import queue
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT)]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+import audioldm_stream  # noqa: E402
 from grym_synth.inference.export import audioldm  # noqa: E402
 from grym_synth.inference.export.repository import build_repository  # noqa: E402
 from grym_synth.inference.triton_process import EmbeddedTriton  # noqa: E402
@@ -31,45 +30,13 @@ PROMPT = "warm analog pad, slow attack"
 RATE = 16_000
 
 
-def _inputs(params: dict) -> list:
-    import tritonclient.grpc as tc
-
-    types = {"seed": (np.int64, "INT64"), "steps": (np.int32, "INT32"), "duration_s": (np.float32, "FP32"),
-             "init_strength": (np.float32, "FP32"), "context_s": (np.float32, "FP32")}
-    out = []
-    for name, value in params.items():
-        if name == "init_audio":
-            array, dtype = np.asarray(value, np.float32), "FP32"
-        elif name in types:
-            array, dtype = np.array([value], dtype=types[name][0]), types[name][1]
-        else:
-            array, dtype = np.array([str(value).encode()], dtype=object), "BYTES"
-        t = tc.InferInput(name, list(array.shape), dtype)
-        t.set_data_from_numpy(array)
-        out.append(t)
-    return out
-
-
 def run_one(url: str, params: dict) -> float:
-    import tritonclient.grpc as tc
-
-    responses: queue.Queue = queue.Queue()
-    client = tc.InferenceServerClient(url)
-    client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    try:
-        t0 = time.perf_counter()
-        client.async_stream_infer("audioldm", _inputs({"prompt": PROMPT} | params), request_id=uuid.uuid4().hex,
-                                  enable_empty_final_response=True)
-        while True:
-            result, error = responses.get(timeout=600)
-            if error is not None:
-                raise RuntimeError(str(error))
-            response = result.get_response()
-            if response.parameters["triton_final_response"].bool_param and not response.outputs:
-                return time.perf_counter() - t0
-    finally:
-        client.stop_stream()
-        client.close()
+    """Seconds for one generation, submit to final response."""
+    t0 = time.perf_counter()
+    got = audioldm_stream.generate(url, PROMPT, timeout=600, **params)
+    if got.error is not None:
+        raise RuntimeError(got.error)
+    return time.perf_counter() - t0
 
 
 def main() -> int:

@@ -20,10 +20,7 @@ chain (encoder, decoder, vocoder, / gain) is bounded at 1e-4 relative to the pea
 from __future__ import annotations
 
 import json
-import queue
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,13 +28,14 @@ import pytest
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
 
+import audioldm_stream  # noqa: E402
+
 from grym_synth.inference.export import audioldm  # noqa: E402
 from grym_synth.inference.export.repository import build_repository  # noqa: E402
 from grym_synth.inference.triton_process import EmbeddedTriton  # noqa: E402
 
 SEED = 0
 RATE = 16000
-PIPELINE = "audioldm"
 PROMPT = "warm analog synth pad"
 
 
@@ -80,86 +78,12 @@ def clip(seconds: float, seed: int = 1) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------------------------
 # client
 # ----------------------------------------------------------------------------------------------------------------
-def make_inputs(**values) -> list:
-    types = {"seed": (np.int64, "INT64"), "steps": (np.int32, "INT32"), "guidance_scale": (np.float32, "FP32"),
-             "duration_s": (np.float32, "FP32"), "init_strength": (np.float32, "FP32"),
-             "context_s": (np.float32, "FP32")}
-    tensors = []
-    for name, value in values.items():
-        if value is None:
-            continue
-        if name == "init_audio":
-            array, dtype = np.asarray(value, dtype=np.float32).reshape(-1), "FP32"
-        elif name in types:
-            array, dtype = np.array([value], dtype=types[name][0]), types[name][1]
-        else:
-            array, dtype = np.array([str(value).encode()], dtype=object), "BYTES"
-        tensor = tritonclient_grpc.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
-    return tensors
+def StreamClient(url: str) -> audioldm_stream.StreamClient:  # noqa: N802 (a client with this module's prompt)
+    return audioldm_stream.StreamClient(url, PROMPT)
 
 
-@dataclass
-class Stream:
-    events: list[str] = field(default_factory=list)
-    steps: list[tuple[int, int]] = field(default_factory=list)
-    waveform: np.ndarray | None = None
-    context: np.ndarray | None = None
-    error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return "final" in self.events or "error" in self.events
-
-
-class StreamClient:
-    def __init__(self, url: str):
-        self.client = tritonclient_grpc.InferenceServerClient(url)
-        self.responses: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-        self.stream = Stream()
-
-    def submit(self, **params) -> str:
-        rid = uuid.uuid4().hex[:12]
-        self.client.async_stream_infer(PIPELINE, make_inputs(**({"prompt": PROMPT} | params)), request_id=rid,
-                                       enable_empty_final_response=True)
-        return rid
-
-    def pump(self, timeout: float = 60.0) -> Stream:
-        result, error = self.responses.get(timeout=timeout)
-        s = self.stream
-        if error is not None:
-            s.events.append("error")
-            s.error = str(error)
-            return s
-        response = result.get_response()
-        names = {o.name for o in response.outputs}
-        if response.parameters["triton_final_response"].bool_param and not names:
-            s.events.append("final")
-        elif "waveform" in names:
-            s.events.append("audio")
-            s.waveform = result.as_numpy("waveform")
-            s.context = result.as_numpy("context_waveform") if "context_waveform" in names else None
-        else:
-            s.events.append("progress")
-            s.steps.append((int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0])))
-        return s
-
-    def close(self, cancel: bool = False) -> None:
-        self.client.stop_stream(cancel_requests=cancel)
-        self.client.close()
-
-
-def generate(server, **params) -> Stream:
-    client = StreamClient(server.grpc_url)
-    try:
-        client.submit(**params)
-        while not client.stream.done:
-            client.pump()
-        return client.stream
-    finally:
-        client.close()
+def generate(server, **params) -> audioldm_stream.Stream:
+    return audioldm_stream.generate(server.grpc_url, PROMPT, **params)
 
 
 def unet_inferences(server) -> int:
@@ -354,16 +278,16 @@ def test_continue_default_context_and_batching_with_text(server):
     """Continuations and text generations run together; the UNet rows all execute (shape groups aside)."""
     client_a, client_b = StreamClient(server.grpc_url), StreamClient(server.grpc_url)
     try:
-        client_a.submit(mode="continue", init_audio=clip(0.3), seed=1, steps=3, duration_s=0.256)
-        client_b.submit(seed=2, steps=3, duration_s=0.25)
+        rid_a = client_a.submit(mode="continue", init_audio=clip(0.3), seed=1, steps=3, duration_s=0.256)
+        rid_b = client_b.submit(seed=2, steps=3, duration_s=0.25)
         for c in (client_a, client_b):
-            while not c.stream.done:
-                c.pump()
+            c.wait_all(60)
     finally:
         client_a.close()
         client_b.close()
-    assert client_a.stream.error is None and client_b.stream.error is None
-    assert client_a.stream.waveform.size == 4096 and client_a.stream.context.size > 0
+    a, b = client_a.streams[rid_a], client_b.streams[rid_b]
+    assert a.error is None and b.error is None
+    assert a.waveform.size == 4096 and a.context.size > 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,9 +321,9 @@ def test_cancel_during_vary_stops_within_a_step(server):
     before = unet_inferences(server)
     client = StreamClient(server.grpc_url)
     rid = client.submit(mode="vary", init_audio=clip(0.5), init_strength=1.0, seed=3, steps=total, duration_s=0.5)
-    while len(client.stream.steps) < 3:
-        assert client.pump().error is None
-    seen = len(client.stream.steps)
+    while len(client.streams[rid].steps) < 3:
+        assert client.pump()[1].error is None
+    seen = len(client.streams[rid].steps)
     client.close(cancel=True)
     deadline = time.monotonic() + 30
     while f"audioldm {rid}: cancelled" not in server.log():

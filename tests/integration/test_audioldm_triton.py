@@ -18,17 +18,16 @@ signal, so a wrong step, guidance or scheduler detail (which changes the audio a
 from __future__ import annotations
 
 import json
-import queue
 import sys
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 tritonclient_grpc = pytest.importorskip("tritonclient.grpc")
+
+import audioldm_stream  # noqa: E402
 
 from grym_synth.inference.export import audioldm  # noqa: E402
 from grym_synth.inference.export.repository import build_repository  # noqa: E402
@@ -118,101 +117,12 @@ def diffusers_audio(reference, *, seed, steps, guidance_scale, duration_s, sched
 # ----------------------------------------------------------------------------------------------------------------
 # client helpers
 # ----------------------------------------------------------------------------------------------------------------
-def make_inputs(prompt: str | None = PROMPT, **params) -> list:
-    types = {"seed": (np.int64, "INT64"), "steps": (np.int32, "INT32"),
-             "guidance_scale": (np.float32, "FP32"), "duration_s": (np.float32, "FP32")}
-    tensors = []
-    values = ({"prompt": prompt} if prompt is not None else {}) | params
-    for name, value in values.items():
-        if value is None:
-            continue
-        if name in types:
-            array, dtype = np.array([value], dtype=types[name][0]), types[name][1]
-        else:
-            array, dtype = np.array([str(value).encode()], dtype=object), "BYTES"
-        tensor = tritonclient_grpc.InferInput(name, list(array.shape), dtype)
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
-    return tensors
+def StreamClient(url: str) -> audioldm_stream.StreamClient:  # noqa: N802 (a client with this module's prompt)
+    return audioldm_stream.StreamClient(url, PROMPT)
 
 
-@dataclass
-class Stream:
-    """What one generation streamed back, in order."""
-
-    events: list[str] = field(default_factory=list)  # "progress" | "audio" | "final" | "error"
-    steps: list[tuple[int, int]] = field(default_factory=list)
-    waveform: np.ndarray | None = None
-    sample_rate: int | None = None
-    seed: int | None = None
-    error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return "final" in self.events or "error" in self.events
-
-
-class StreamClient:
-    """tritonclient gRPC stream: several requests on one stream, responses routed by request id."""
-
-    def __init__(self, url: str):
-        self.client = tritonclient_grpc.InferenceServerClient(url)
-        self.responses: queue.Queue = queue.Queue()
-        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
-        self.streams: dict[str, Stream] = {}
-
-    def submit(self, prompt: str | None = PROMPT, **params) -> str:
-        request_id = uuid.uuid4().hex[:12]
-        self.streams[request_id] = Stream()
-        self.client.async_stream_infer(
-            PIPELINE, make_inputs(prompt, **params), request_id=request_id, enable_empty_final_response=True
-        )
-        return request_id
-
-    def pump(self, timeout: float = 60.0) -> tuple[str | None, Stream | None]:
-        """Handle one response; returns (request id, its stream). Errors carry no id when only one is pending."""
-        result, error = self.responses.get(timeout=timeout)
-        if error is not None:
-            pending = [rid for rid, s in self.streams.items() if not s.done]
-            rid = pending[0] if len(pending) == 1 else None
-            if rid is None:
-                raise AssertionError(f"unattributable error with {len(pending)} requests pending: {error}")
-            self.streams[rid].events.append("error")
-            self.streams[rid].error = str(error)
-            return rid, self.streams[rid]
-        response = result.get_response()
-        stream = self.streams[response.id]
-        names = {o.name for o in response.outputs}
-        if response.parameters["triton_final_response"].bool_param and not names:
-            stream.events.append("final")
-        elif "waveform" in names:
-            stream.events.append("audio")
-            stream.waveform = result.as_numpy("waveform")
-            stream.sample_rate = int(result.as_numpy("sample_rate")[0])
-            stream.seed = int(result.as_numpy("seed")[0])
-        else:
-            stream.events.append("progress")
-            stream.steps.append((int(result.as_numpy("step")[0]), int(result.as_numpy("total_steps")[0])))
-        return response.id, stream
-
-    def wait_all(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not all(s.done for s in self.streams.values()):
-            self.pump(timeout=max(0.1, deadline - time.monotonic()))
-
-    def close(self, cancel: bool = False) -> None:
-        self.client.stop_stream(cancel_requests=cancel)
-        self.client.close()
-
-
-def generate(server, prompt: str | None = PROMPT, **params) -> Stream:
-    client = StreamClient(server.grpc_url)
-    try:
-        rid = client.submit(prompt, **params)
-        client.wait_all()
-        return client.streams[rid]
-    finally:
-        client.close()
+def generate(server, prompt: str | None = PROMPT, **params) -> audioldm_stream.Stream:
+    return audioldm_stream.generate(server.grpc_url, prompt, **params)
 
 
 def stats(server, model: str) -> dict[str, int]:

@@ -547,11 +547,7 @@ class PatternStore:
                      music: MusicQuery | None = None) -> list[PatternRecord]:
         """Nearest patterns in the Wav2Vec2 space; ``music`` restricts them to patterns whose descriptors pass."""
         vec = self.check_vector(vector)
-        if not 1 <= top_k <= MAX_TOP_K:
-            raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
-        clauses = [tag_filter_expr(tag_filter)] if tag_filter else []
-        if exclude_id:
-            clauses.append(f"id != {quote(check_pattern_id(exclude_id, 'exclude_id'))}")
+        clauses = _query_clauses(top_k, exclude_id) + ([tag_filter_expr(tag_filter)] if tag_filter else [])
         if music:
             ids = await self._music_ids(music.expr())
             if not ids:
@@ -612,11 +608,7 @@ class PatternStore:
                            music: MusicQuery | None = None) -> list[PatternRecord]:
         """Nearest patterns by the trained tagger's embedding ("sounds similar")."""
         vec = self.check_music_vector(vector)
-        if not 1 <= top_k <= MAX_TOP_K:
-            raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
-        clauses = ["has_embedding == true"] + ([music.expr()] if music else [])
-        if exclude_id:
-            clauses.append(f"id != {quote(check_pattern_id(exclude_id, 'exclude_id'))}")
+        clauses = _query_clauses(top_k, exclude_id) + ["has_embedding == true"] + ([music.expr()] if music else [])
         if tag_filter:
             expr = tag_filter_expr(tag_filter)
             ids = [str(r["id"]) for r in await self._run(lambda: self._iterate(expr, ["id"]))]
@@ -634,8 +626,7 @@ class PatternStore:
                           music: MusicQuery | None = None, include_embedding: bool = False) -> list[PatternRecord]:
         """Patterns whose top tags name any of ``labels``, ranked by the mean tagger score of the labels (the
         match's score, in [0, 1])."""
-        if not 1 <= top_k <= MAX_TOP_K:
-            raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
+        _check_top_k(top_k)
         if not self.music_dim:
             raise InvalidArgument("text search needs the music models, which this server does not run")
         any_label = f"array_contains_any(music_tags, [{', '.join(quote(lb) for lb in labels)}])"
@@ -742,6 +733,17 @@ class PatternStore:
 
     async def all_ids(self) -> list[str]:
         return [str(r["id"]) for r in await self._run(lambda: self._all_keys(""))]
+
+
+def _check_top_k(top_k: int) -> None:
+    if not 1 <= top_k <= MAX_TOP_K:
+        raise InvalidArgument(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
+
+
+def _query_clauses(top_k: int, exclude_id: str | None) -> list[str]:
+    """The filter clauses every similarity search starts with (INVALID_ARGUMENT for a bad top_k or exclude_id)."""
+    _check_top_k(top_k)
+    return [f"id != {quote(check_pattern_id(exclude_id, 'exclude_id'))}"] if exclude_id else []
 
 
 def _id_in(ids: Sequence[str]) -> str:
