@@ -222,8 +222,10 @@ def test_workflow_records_survive_restart_and_crashes_are_interrupted(triton: Em
         for event in c.compose("a long piece"):
             running = event.workflow_id
             if event.WhichOneof("event") == STEP and event.step.state == pb.ComposeStep.STATE_PROGRESS:
+                # A crash while the stream is still open: no chance to record anything. (Leaving the loop
+                # first would cancel the call, and the server would rightly record CANCELLED.)
+                first.stop(signal.SIGKILL)
                 break
-    first.stop(signal.SIGKILL)  # a crash: no chance to record anything
 
     second = OrchestratorProcess(tmp_path / "data", args).start()
     try:
