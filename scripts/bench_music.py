@@ -31,8 +31,10 @@ import make_music_testset as testset  # noqa: E402
 from grym_synth.analysis.music import Detail, MusicAnalyzer  # noqa: E402
 from grym_synth.core.audio import to_mono_16k  # noqa: E402
 from grym_synth.inference.export.repository import build_repository  # noqa: E402
-from grym_synth.inference.music_models import (BASIC_PITCH, MUSICNN, SILERO_VAD, MusicModels, NoteEvent,  # noqa: E402
-                                               Tagging, musicnn_patches, resample)
+from grym_synth.inference.music_models import (  # noqa: E402
+    BASIC_PITCH, FRAME_THRESHOLD, MINIMUM_NOTE_LENGTH_MS, MUSICNN, ONSET_THRESHOLD, SILERO_VAD, MusicModels, Tagging,
+    backtrack_onsets, musicnn_patches, notes_from_events, resample,
+)
 from grym_synth.inference.triton_client import TritonClient  # noqa: E402
 from grym_synth.inference.triton_process import EmbeddedTriton  # noqa: E402
 
@@ -67,8 +69,9 @@ class InProcessModels:
 
         wav = self.tmp / "bp.wav"
         sf.write(wav, audio, sr, subtype="FLOAT")
-        _, _, events = predict(wav, self.bp)
-        return [NoteEvent(int(p), float(s), float(e), int(round(127 * a))) for s, e, p, a, *_ in events]
+        output, _, events = predict(wav, self.bp, onset_threshold=ONSET_THRESHOLD, frame_threshold=FRAME_THRESHOLD,
+                                    minimum_note_length=MINIMUM_NOTE_LENGTH_MS)
+        return notes_from_events(backtrack_onsets(events, output["note"]))
 
     async def tag(self, audio, sr, *, deadline=None):  # type: ignore[no-untyped-def]
         outs = self.musicnn.run(None, {"patches": musicnn_patches(resample(audio, sr, 16_000))})

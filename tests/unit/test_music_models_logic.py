@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from grym_synth.inference.music_models import (
-    MUSIC_MODEL_NAMES, MUSICNN_FRAMES, MusicModels, NoteEvent, _mono, musicnn_log_mel, musicnn_patches,
-    notes_from_events, resample,
+    MIDI_LOWEST, MUSIC_MODEL_NAMES, MUSICNN_FRAMES, MusicModels, NoteEvent, _mono, backtrack_onsets,
+    musicnn_log_mel, musicnn_patches, notes_from_events, resample,
 )
 
 
@@ -34,6 +34,41 @@ def test_notes_from_basic_pitch_events() -> None:
     events = [(1.0, 1.5, 64, 0.5, None), (0.0, 0.4, 60, 0.0001, [1, 2]), (0.0, 0.3, 55, 1.7, None)]
     notes = notes_from_events(events)
     assert notes == [NoteEvent(55, 0.0, 0.3, 127), NoteEvent(60, 0.0, 0.4, 1), NoteEvent(64, 1.0, 1.5, 64)]
+
+
+def _times(n: int) -> np.ndarray:
+    from basic_pitch.note_creation import model_frames_to_time
+
+    return model_frames_to_time(n)
+
+
+def test_backtracking_moves_a_slow_attack_to_where_it_began_to_rise() -> None:
+    """A pitch whose activation ramps up over 6 frames before the detected onset (a bowed attack) starts where the
+    ramp crossed 30 % of the peak; the end, pitch and amplitude stay; another pitch's activation is not looked at."""
+    note = np.zeros((100, 88), np.float32)
+    k = 64 - MIDI_LOWEST
+    note[40:60, k] = 0.9
+    note[34:40, k] = [0.05, 0.2, 0.35, 0.5, 0.65, 0.8]  # rises from frame 34; above 0.27 from frame 36
+    note[20:60, 60 - MIDI_LOWEST] = 0.9  # a held neighbour: irrelevant to pitch 64
+    times = _times(100)
+    (start, end, pitch, amp, bends), = backtrack_onsets([(float(times[40]), 1.0, 64, 0.6, None)], note)
+    assert start == pytest.approx(float(times[36])) and (end, pitch, amp, bends) == (1.0, 64, 0.6, None)
+
+
+def test_backtracking_stops_at_a_dip_and_never_moves_a_note_later() -> None:
+    """A repeated note: the walk back stops where the previous note's decay turns into the new attack, so two
+    onsets never merge; a flat or falling activation leaves the start where it was."""
+    note = np.zeros((100, 88), np.float32)
+    k = 60 - MIDI_LOWEST
+    note[10:28, k] = 0.8
+    note[28:30, k] = [0.5, 0.4]  # decay of the first note, then the second rises from the dip at frame 29
+    note[30:33, k] = [0.6, 0.7, 0.8]
+    note[33:50, k] = 0.9
+    times = _times(100)
+    starts = [s for s, *_ in backtrack_onsets([(float(times[10]), 0.3, 60, 0.5), (float(times[32]), 0.6, 60, 0.5)],
+                                              note)]
+    assert starts == [pytest.approx(float(times[10])), pytest.approx(float(times[29]))]
+    assert backtrack_onsets([(0.0, 0.1, 60, 0.5)], np.zeros((0, 88), np.float32)) == [(0.0, 0.1, 60, 0.5)]
 
 
 def test_musicnn_patches_match_the_extractors_cut() -> None:
