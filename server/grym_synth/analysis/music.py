@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from grym_synth.inference.music_models import BASIC_PITCH, MUSICNN, SILERO_VAD
+from grym_synth.core.compute import run_cpu
 
 log = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def estimate_tempo(y: np.ndarray, sr: int) -> tuple[float, float, list[float]]:
                                            start_bpm=BEAT_PRIOR_BPM)
     bpm = float(np.atleast_1d(tempo)[0])
     conf = periodicity(env, bpm, sr)
-    # The tracker's prior (120 BPM) halves fast tempos whose two-beat pattern (kick/snare) is strong: when the
+    # The tracker's prior (BEAT_PRIOR_BPM) halves fast tempos whose two-beat pattern (kick/snare) is strong: when the
     # pulse at twice the tempo is nearly as periodic, the faster reading is the beat.
     if 0 < bpm * 2 <= MAX_DOUBLED_BPM and periodicity(env, 2 * bpm, sr) >= DOUBLE_TEMPO_RATIO * conf:
         bpm, beats = 2 * bpm, _halve_gaps(beats)
@@ -270,7 +271,7 @@ class SignalAnalysis:
 
 
 def analyse_signal(y: np.ndarray, sr: int) -> SignalAnalysis:
-    """Tempo, beats and chroma (CPU, no model): run in a worker thread."""
+    """Tempo, beats and chroma (CPU, no model): run in the CPU pool."""
     y = np.ascontiguousarray(y, dtype=np.float32)
     bpm, conf, beats = estimate_tempo(y, sr)
     return SignalAnalysis(bpm, conf, beats, chroma_profile(y, sr))
@@ -278,7 +279,7 @@ def analyse_signal(y: np.ndarray, sr: int) -> SignalAnalysis:
 
 # --- the analyser ---------------------------------------------------------------------------------------------------
 class MusicAnalyzer:
-    """Describes audio: signal analysis in a worker thread and the served models concurrently."""
+    """Describes audio: signal analysis in the CPU pool and the served models concurrently."""
 
     def __init__(self, models: MusicModelsLike | None, *, top_tags: int = TOP_TAGS) -> None:
         self.models = models
@@ -301,7 +302,7 @@ class MusicAnalyzer:
         if _rms(samples) < SILENCE_RMS:
             return MusicDescription(duration_s=duration)
         have = self.available()
-        jobs: dict[str, Any] = {"signal": asyncio.to_thread(analyse_signal, samples, sr)}
+        jobs: dict[str, Any] = {"signal": run_cpu(analyse_signal, samples, sr)}
         if self.models is not None:
             if detail == Detail.FULL and BASIC_PITCH in have and duration >= MIN_SECONDS["notes"]:
                 jobs["notes"] = self.models.transcribe(samples, sr, deadline=deadline)

@@ -27,6 +27,7 @@ from grym_synth.api.v1 import common_pb2, orchestrator_pb2 as pb, orchestrator_p
 from grym_synth.analysis.describe import Describer
 from grym_synth.analysis.service import AnalysisService, StreamConfig, StreamSummary
 from grym_synth.core.audio import Audio, AudioFormat, to_mono_16k
+from grym_synth.core.compute import run_cpu
 from grym_synth.memory.music_index import text_to_tags
 from grym_synth.api import convert
 from grym_synth.compose.service import (ComposeService, Features, Finished, PieceProgress, PlanChosen,
@@ -215,9 +216,9 @@ class OrchestratorService(pb_grpc.OrchestratorServicer):
 
     # --- conversions ----------------------------------------------------------------------------------------------
     async def _audio(self, audio: common_pb2.AudioInput, field: str = "audio") -> Audio:
-        """Decoded, checked, 16 kHz mono audio; the decoding and resampling run in a worker thread (CPU work that
-        would stall every call in flight on the event loop)."""
-        return await asyncio.to_thread(self._audio_sync, audio, field)
+        """Decoded, checked, 16 kHz mono audio; the decoding and resampling run in the CPU pool (work that would
+        stall every call in flight on the event loop)."""
+        return await run_cpu(self._audio_sync, audio, field)
 
     def _audio_sync(self, audio: common_pb2.AudioInput, field: str) -> Audio:
         samples, rate = convert.audio_input(audio, max_seconds=self.analysis.max_audio_s, field=field)
@@ -576,8 +577,8 @@ def _compose_message(event: object, step_types: dict[str, str]) -> pb.ComposeRes
 
 
 async def _audio_chunks(audio: AudioData, fmt: AudioFormat = AudioFormat.WAV_PCM16) -> list[pb.AudioChunk]:
-    """The audio as chunks in ``fmt``, encoded in a worker thread (MP3 of a long piece takes seconds)."""
-    return await asyncio.to_thread(convert.audio_data_chunks, audio, fmt)
+    """The audio as chunks in ``fmt``, encoded in the CPU pool (MP3 of a long piece takes seconds)."""
+    return await run_cpu(convert.audio_data_chunks, audio, fmt)
 
 
 def _status_error(code: str, message: str) -> GrymError:

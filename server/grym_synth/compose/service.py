@@ -33,6 +33,7 @@ from grym_synth.analysis.service import AnalysisService, music_fields
 from grym_synth.compose.longform import PieceJoiner
 from grym_synth.compose.mastering import MasterSettings, apply_gain, master, predicted_gain_db
 from grym_synth.core.audio import TARGET_RATE_HZ, AudioFormat, encode_audio, encoded_rate_hz, to_mono_16k
+from grym_synth.core.compute import run_cpu
 from grym_synth.coordinator.base import CoordinatorBackend, TokenEvent
 from grym_synth.core.errors import Cancelled, DeadlineExceeded, GrymError, InvalidArgument
 from grym_synth.generation.service import (DEFAULT_INIT_STRENGTH, AudioData, GenerationService, InitSpec, Progress,
@@ -549,15 +550,15 @@ class ComposeService:
                 final = event
         if isinstance(final, WorkflowFinished):
             if joiner is not None and progress is not None:
-                samples = await asyncio.to_thread(lambda: master(joiner.piece(), TARGET_RATE_HZ, self.mastering)[0])
+                samples = await run_cpu(lambda: master(joiner.piece(), TARGET_RATE_HZ, self.mastering)[0])
                 progress.mastered = 1
                 yield progress.event()
             else:
                 pieces = [np.asarray(out["audio"], dtype=np.float32) for _, out in run.audio() if "audio" in out]
-                samples = (await asyncio.to_thread(master, np.concatenate(pieces), TARGET_RATE_HZ, self.mastering))[0] \
+                samples = (await run_cpu(master, np.concatenate(pieces), TARGET_RATE_HZ, self.mastering))[0] \
                     if pieces else None
             if samples is not None:
-                yield await asyncio.to_thread(piece_data, samples, TARGET_RATE_HZ, fmt)
+                yield await run_cpu(piece_data, samples, TARGET_RATE_HZ, fmt)
                 await self._describe_piece(samples, deadline, workflow_id)
         yield Finished(await self.workflows.get(workflow_id))
 
@@ -586,7 +587,7 @@ class ComposeService:
         if moved or joiner.placed != placed:
             yield progress.event()
         for index in finals:
-            for part in await asyncio.to_thread(self._section_ready, joiner, index, fmt):
+            for part in await run_cpu(self._section_ready, joiner, index, fmt):
                 yield part
 
     def _section_ready(self, joiner: PieceJoiner, index: int,

@@ -39,6 +39,7 @@ from typing import Any
 
 import numpy as np
 
+from grym_synth.core.compute import run_cpu
 from grym_synth.inference.triton_client import TritonClient
 
 log = logging.getLogger(__name__)
@@ -180,9 +181,9 @@ class MusicModels:
         return self._served
 
     async def prepare(self) -> list[str]:
-        """Import and run once, in a worker thread, the served models' pre/post-processing (``prepare_packages``):
+        """Import and run once, in the CPU pool, the served models' pre/post-processing (``prepare_packages``):
         done before the server reports SERVING, so no request waits for torch to import."""
-        return await asyncio.to_thread(prepare_packages, self._served)
+        return await run_cpu(prepare_packages, self._served)
 
     @property
     def tag_vocabulary(self) -> tuple[str, ...]:
@@ -209,14 +210,14 @@ class MusicModels:
                             ) -> dict[str, np.ndarray] | None:
         """basic-pitch's unwrapped posteriors ``{"note", "onset", "contour"}`` (frames x bins) as
         ``basic_pitch.inference.run_inference`` returns them; None when the audio is shorter than one frame."""
-        prepared = await asyncio.to_thread(_basic_pitch_windows, audio, sample_rate)
+        prepared = await run_cpu(_basic_pitch_windows, audio, sample_rate)
         if prepared is None:
             return None
         n_samples, windows = prepared
         names = ("note", "onset", "contour")
         parts = await self._infer_all(BASIC_PITCH, "audio", _chunks(windows, BASIC_PITCH_WINDOWS_PER_REQUEST),
                                       names, deadline)
-        return await asyncio.to_thread(_basic_pitch_unwrap, parts, names, n_samples)
+        return await run_cpu(_basic_pitch_unwrap, parts, names, n_samples)
 
     async def transcribe(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
                          ) -> list[NoteEvent]:
@@ -224,14 +225,14 @@ class MusicModels:
         output = await self.transcription(audio, sample_rate, deadline=deadline)
         if output is None or output["note"].shape[0] == 0:
             return []
-        return await asyncio.to_thread(_basic_pitch_notes, output)
+        return await run_cpu(_basic_pitch_notes, output)
 
     # ---- musicnn -----------------------------------------------------------------------------------------------
 
     async def tag(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None) -> Tagging:
         """musicnn MTT tags and embedding (means over the clip's non-overlapping 3-second patches)."""
         labels = self.tag_vocabulary
-        patches = await asyncio.to_thread(_musicnn_input, audio, sample_rate, True)
+        patches = await run_cpu(_musicnn_input, audio, sample_rate, True)
         if patches is None:
             return Tagging(labels, np.zeros(len(labels), np.float32), np.zeros(MUSICNN_EMBEDDING, np.float32))
         taggram, embedding = await self._musicnn(patches, deadline)
@@ -241,7 +242,7 @@ class MusicModels:
                       ) -> tuple[np.ndarray, np.ndarray]:
         """musicnn's per-patch outputs (taggram [patches, 50], penultimate [patches, 200]) for a clip of at least
         one patch (3 s) — what ``musicnn.extractor.extractor`` returns as taggram and features["penultimate"]."""
-        patches = await asyncio.to_thread(_musicnn_input, audio, sample_rate, False)
+        patches = await run_cpu(_musicnn_input, audio, sample_rate, False)
         assert patches is not None
         return await self._musicnn(patches, deadline)
 
@@ -265,10 +266,10 @@ class MusicModels:
         hop = int(sample_rate * hop_seconds)
         if hop < 1:
             raise ValueError(f"hop_seconds {hop_seconds} is less than one sample at {sample_rate} Hz")
-        frames = await asyncio.to_thread(_crepe_frames, samples, sample_rate, hop)
+        frames = await run_cpu(_crepe_frames, samples, sample_rate, hop)
         parts = await self._infer_all(CREPE, "frames", _chunks(frames, CREPE_FRAMES_PER_REQUEST),
                                       ("probabilities",), deadline)
-        f0, periodicity = await asyncio.to_thread(_crepe_decode, np.concatenate([p["probabilities"] for p in parts]))
+        f0, periodicity = await run_cpu(_crepe_decode, np.concatenate([p["probabilities"] for p in parts]))
         hop_16k = int(hop * CREPE_SR / sample_rate)
         times = np.arange(frames.shape[0], dtype=np.float32) * hop_16k / CREPE_SR
         return times, f0, periodicity
@@ -278,7 +279,7 @@ class MusicModels:
     async def speech_probabilities(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
                                    ) -> np.ndarray:
         """silero's per-frame (32 ms at 16 kHz) speech probabilities for the clip, blocks chained in order."""
-        blocks = await asyncio.to_thread(_silero_blocks, audio, sample_rate)
+        blocks = await run_cpu(_silero_blocks, audio, sample_rate)
         hidden = cell = np.zeros(SILERO_STATE, np.float32)
         probs: list[np.ndarray] = []
         for block in blocks:
@@ -291,14 +292,14 @@ class MusicModels:
     async def voice(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
                     ) -> list[tuple[float, float]]:
         """Speech spans (start, end) in seconds by silero-vad with ``get_speech_timestamps``' defaults."""
-        samples = await asyncio.to_thread(resample, _mono(audio, sample_rate), sample_rate, SILERO_SR)
+        samples = await run_cpu(resample, _mono(audio, sample_rate), sample_rate, SILERO_SR)
         if samples.size == 0:
             return []
         probs = await self.speech_probabilities(samples, SILERO_SR, deadline=deadline)
-        return await asyncio.to_thread(_speech_spans, probs, samples.size)
+        return await run_cpu(_speech_spans, probs, samples.size)
 
 
-# ---- the packages' own pre- and post-processing, run in worker threads -------------------------------------------
+# ---- the packages' own pre- and post-processing, run in the CPU pool (core.compute) -------------------------------
 # WHY threads: these are CPU work (librosa, numba, torch) and, on first use, imports of torch and TensorFlow-era
 # packages that take seconds. On the event-loop thread they stalled every RPC in flight: in CI a wav2vec2 call
 # beside the first music description waited 30 s and timed out.

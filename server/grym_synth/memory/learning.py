@@ -19,7 +19,6 @@ migration component.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import re
@@ -31,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from grym_synth.core.errors import InvalidArgument
+from grym_synth.core.compute import run_cpu
 from grym_synth.memory.store import (MAX_TOP_K, PatternRecord, PatternStore, check_pattern_id, quote, tag_filter_expr,
                                      validate_tags)
 from grym_synth.core.text import FILLER
@@ -299,9 +299,9 @@ async def detect_clusters(store: PatternStore, k: int | None = None, *, feedback
     if k is not None and not 1 <= k <= len(records):
         raise InvalidArgument(f"k must be 1..{len(records)} (the number of stored patterns), got {k}")
     ratings = await feedback.ratings([r.id for r in records]) if feedback else {}
-    # Tens of ms of numpy and text work per thousand patterns: in a worker thread, so that the event loop (and the
+    # Tens of ms of numpy and text work per thousand patterns: in the CPU pool, so that the event loop (and the
     # Compose call whose cluster context triggered this refresh) keeps streaming meanwhile.
-    return await asyncio.to_thread(_cluster, records, k, max_k, ratings)
+    return await run_cpu(_cluster, records, k, max_k, ratings)
 
 
 def _cluster(records: Sequence[PatternRecord], k: int | None, max_k: int,
