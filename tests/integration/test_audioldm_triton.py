@@ -230,28 +230,40 @@ def test_cancel_stops_early_and_server_stays_healthy(server):
     assert after.error is None and after.events[-2:] == ["audio", "final"]
 
 
+BATCHING_ROUNDS = 3
+
+
 def test_concurrent_generations_batch_unet(server, reference):
+    """Four concurrent generations: every UNet step's rows are batched (CFG pairs), and steps of different
+    generations share executions. That sharing is opportunistic by design (the dynamic batcher joins what is queued
+    within its delay), so on a loaded machine one round's steps can all miss each other; it must happen in at least
+    one of BATCHING_ROUNDS rounds, and every round's audio must equal diffusers'."""
     n, steps = 4, 8
-    before = stats(server, "unet")
-    client = StreamClient(server.grpc_url)
-    try:
-        ids = [client.submit(seed=10 + i, steps=steps, guidance_scale=2.5, duration_s=0.5, scheduler="ddim")
-               for i in range(n)]
-        client.wait_all()
-    finally:
-        client.close()
-    d = delta(before, stats(server, "unet"))
-    print(f"[batching] {n} concurrent generations x {steps} steps: unet requests={d['requests']} "
-          f"rows={d['inferences']} executions={d['executions']}")
-    assert d["requests"] == n * steps and d["inferences"] == 2 * n * steps
-    assert d["executions"] < d["inferences"]
-    assert d["executions"] < d["requests"]  # stronger: requests of different generations shared executions
-    for i, rid in enumerate(ids):
-        got = client.streams[rid]
-        assert got.error is None and got.events[-2:] == ["audio", "final"]
-        want = diffusers_audio(reference, seed=10 + i, steps=steps, guidance_scale=2.5, duration_s=0.5,
-                               scheduler="ddim")
-        assert np.max(np.abs(got.waveform - want)) <= WAVEFORM_ATOL  # batching does not change results
+    shared = []
+    for _ in range(BATCHING_ROUNDS):
+        before = stats(server, "unet")
+        client = StreamClient(server.grpc_url)
+        try:
+            ids = [client.submit(seed=10 + i, steps=steps, guidance_scale=2.5, duration_s=0.5, scheduler="ddim")
+                   for i in range(n)]
+            client.wait_all()
+        finally:
+            client.close()
+        d = delta(before, stats(server, "unet"))
+        print(f"[batching] {n} concurrent generations x {steps} steps: unet requests={d['requests']} "
+              f"rows={d['inferences']} executions={d['executions']}")
+        assert d["requests"] == n * steps and d["inferences"] == 2 * n * steps
+        assert d["executions"] < d["inferences"]
+        for i, rid in enumerate(ids):
+            got = client.streams[rid]
+            assert got.error is None and got.events[-2:] == ["audio", "final"]
+            want = diffusers_audio(reference, seed=10 + i, steps=steps, guidance_scale=2.5, duration_s=0.5,
+                                   scheduler="ddim")
+            assert np.max(np.abs(got.waveform - want)) <= WAVEFORM_ATOL  # batching does not change results
+        shared.append(d["executions"] < d["requests"])  # requests of different generations shared executions
+        if shared[-1]:
+            break
+    assert any(shared), shared
 
 
 def test_unet_row_slices_match_one_run(server, repo_dir):
