@@ -9,7 +9,7 @@ cents, offsets ignored) against the pitched instrument's notes, the instrument's
 inference, and the real-time factor. Search quality: precision@5 of "shares the instrument" among the pieces by
 the trained musicnn embedding vs the seeded Wav2Vec2 embedding.
 
-    .venv/bin/python scripts/bench_music.py --count 36 [--markdown]
+    .venv/bin/python scripts/bench_music.py --count 36 [--testset DIR --start 100 --seed 11]
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ class InProcessModels:
         outs = self.musicnn.run(None, {"patches": musicnn_patches(resample(audio, sr, 16_000))})
         names = [o.name for o in self.musicnn.get_outputs()]
         got = dict(zip(names, outs))
-        scores = np.asarray(got.get("taggram", outs[0])).mean(axis=0)
-        emb = np.asarray(got.get("penultimate", outs[-1])).mean(axis=0)
+        scores = np.asarray(got["taggram"]).mean(axis=0)
+        emb = np.asarray(got["timbre"]).mean(axis=0)
         return Tagging(self.tag_vocabulary, scores, emb)
 
     async def voice(self, audio, sr, *, deadline=None):  # type: ignore[no-untyped-def]
@@ -117,7 +117,7 @@ def precision_at(embeddings: np.ndarray, labels: list[str], k: int = 5) -> float
 
 
 async def run(args: argparse.Namespace, server: EmbeddedTriton, repo: Path, tmp: Path) -> dict:
-    truths = [testset.load(p) for p in testset.make(args.testset, args.count)]
+    truths = [testset.load(p) for p in testset.make(args.testset, args.count, seed=args.seed, start=args.start)]
     triton = TritonClient(server.grpc_url)
     served = MusicAnalyzer(MusicModels(triton, served=[BASIC_PITCH, MUSICNN, SILERO_VAD]))
     local = MusicAnalyzer(InProcessModels(repo, tmp))
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--count", type=int, default=36)
     ap.add_argument("--testset", type=Path, default=Path("build/music_testset"))
+    ap.add_argument("--seed", type=int, default=7, help="the set's seed (make_music_testset.py --seed)")
+    ap.add_argument("--start", type=int, default=0, help="its first piece (the development set: --start 100 --seed 11)")
     ap.add_argument("--repo", type=Path, default=Path("data/model_repository/music-bench-analysis"))
     args = ap.parse_args(argv)
     build_repository("tiny", args.repo, models=MODELS, seed=0)

@@ -82,7 +82,7 @@ def test_instrument_is_among_the_top_tags(client: Client, music_renders: dict) -
     labels = [t.label for t in music.tags[:5]]
     assert music_renders[7]["instrument"] in labels, labels
     assert all(t.category != common_pb2.TAG_CATEGORY_UNSPECIFIED for t in music.tags)
-    assert len(music.embedding) == 200
+    assert len(music.embedding) == 408
 
 
 def test_stream_final_result_describes_the_whole_stream(client: Client, music_renders: dict) -> None:

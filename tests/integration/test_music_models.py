@@ -136,14 +136,17 @@ def test_musicnn_equals_extractor(music, tiny_repository: Path) -> None:
     folder = tiny_repository / "musicnn" / REFERENCE_DIR
     reference = np.load(folder / REFERENCE_NPZ)
     clip, rate = sf.read(folder / REFERENCE_CLIP, dtype="float32")
-    taggram, embedding = run(music, "taggram", clip, rate)
-    np.testing.assert_allclose(taggram, reference["taggram"], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(embedding, reference["embedding"], atol=ATOL, rtol=0)
-    np.testing.assert_allclose(embedding[0], reference["extractor_penultimate"][0], atol=ATOL, rtol=0)
+    served = run(music, "taggram", clip, rate)
+    np.testing.assert_allclose(served["taggram"], reference["taggram"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(served["embedding"], reference["embedding"], atol=ATOL, rtol=0)
+    np.testing.assert_allclose(served["embedding"][0], reference["extractor_penultimate"][0], atol=ATOL, rtol=0)
+    # the extractor's features["timbral"], averaged over each patch's 187 frames (by the exporter, in TensorFlow)
+    np.testing.assert_allclose(served["timbre"], reference["timbre"], atol=ATOL, rtol=0)
+    assert served["timbre"].shape == (len(reference["taggram"]), 408)
     tagging = run(music, "tag", clip, rate)
     np.testing.assert_allclose(tagging.scores, reference["taggram"].mean(axis=0), atol=ATOL, rtol=0)
-    np.testing.assert_allclose(tagging.embedding, reference["embedding"].mean(axis=0), atol=ATOL, rtol=0)
-    assert tagging.scores.dtype == np.float32 and tagging.embedding.shape == (200,)
+    np.testing.assert_allclose(tagging.embedding, reference["timbre"].mean(axis=0), atol=ATOL, rtol=0)
+    assert tagging.scores.dtype == np.float32 and tagging.embedding.shape == (408,)
 
 
 def test_musicnn_hears_music_not_speech(music) -> None:
@@ -218,7 +221,7 @@ def test_bad_input_gives_empty_answers(music, kind: str) -> None:
     tagging = run(music, "tag", audio, rate)
     assert times.shape == f0.shape == periodicity.shape
     assert spans == []
-    assert tagging.scores.shape == (50,) and tagging.embedding.shape == (200,)
+    assert tagging.scores.shape == (50,) and tagging.embedding.shape == (408,)
     assert np.all(np.isfinite(tagging.scores)) and np.all((tagging.scores >= 0) & (tagging.scores <= 1))
     if kind in ("empty", "silence"):
         assert not tagging.scores.any() and not tagging.embedding.any()

@@ -84,7 +84,7 @@ def test_text_and_music_space_search(client: Client, library: dict) -> None:
     near = client.stub.SearchPatterns(pb.SearchPatternsRequest(
         pattern_id=pid, top_k=4, tag_filter={"suite": library["suite"]}), timeout=60)
     assert near.matches and pid not in {m.pattern.pattern_id for m in near.matches}
-    assert len(pattern.music.embedding) == 200
+    assert len(pattern.music.embedding) == 408
 
 
 def test_text_naming_nothing_known_is_invalid_argument(client: Client, library: dict) -> None:
@@ -159,8 +159,54 @@ def test_an_existing_store_gains_descriptors_without_losing_patterns(tmp_path: P
 
     ids = asyncio.run(before())
     asyncio.run(after(ids))
-    manifest = tmp_path / "patterns.db" / "collections" / "grym_patterns_wav2vec2_tiny_music" / "manifest.json"
+    manifest = tmp_path / "patterns.db" / "collections" / "grym_patterns_wav2vec2_tiny_music4" / "manifest.json"
     manifest.write_text(manifest.read_text()[:10])
     damaged = PatternStore(uri, dim=8, model="wav2vec2", profile="tiny", music_dim=4)
-    with pytest.raises(PatternStoreDamaged, match="_music/manifest.json is unreadable"):
+    with pytest.raises(PatternStoreDamaged, match="_music4/manifest.json is unreadable"):
         damaged.open()
+
+
+def test_descriptors_move_to_a_new_embedding_layout(tmp_path: Path) -> None:
+    """A store written with the 200-d layout (companion collection ``<patterns>_music``, built here as that version
+    built it) opened with the timbre embedding: every pattern keeps its tempo, key and tags, none keeps the other
+    layer's embedding (it is never searched), the old collection is gone, and opening again changes nothing."""
+    import asyncio
+
+    import numpy as np
+    from pymilvus import MilvusClient
+
+    from grym_synth.memory.music_index import MusicFields, MusicQuery, create_music_collection
+    from grym_synth.memory.store import PatternStore
+
+    uri = str(tmp_path / "patterns.db")
+    legacy = "grym_patterns_wav2vec2_tiny_music"
+
+    async def old_layout() -> list[str]:
+        store = PatternStore(uri, dim=8, model="wav2vec2", profile="tiny")
+        store.open()
+        ids = [(await store.insert(np.random.default_rng(i).normal(size=8).tolist(), duration_s=1.0, tags={},
+                                   source="old")).id for i in range(3)]
+        store.close()
+        client = MilvusClient(uri)
+        create_music_collection(client, legacy, 2)
+        client.insert(legacy, [MusicFields(tempo_bpm=90.0 + i, key="A minor", tags=[("guitar", 0.5, 1)],
+                                           embedding=[0.0, 1.0]).row(pid, 2) for i, pid in enumerate(ids)])
+        client.close()
+        return ids
+
+    async def new_layout(ids: list[str]) -> None:
+        for _ in range(2):
+            store = PatternStore(uri, dim=8, model="wav2vec2", profile="tiny", music_dim=4)
+            store.open()
+            assert legacy not in store._client.list_collections()
+            records = await store.get_many(ids)
+            await store.attach_music(records, include_embedding=True)
+            assert sorted(r.music.tempo_bpm for r in records) == [90.0, 91.0, 92.0]
+            assert all(r.music.key == "A minor" and r.music.tags[0][0] == "guitar" for r in records)
+            assert all(r.music.embedding is None for r in records)
+            page, _ = await store.list(page_size=10, music=MusicQuery.parse(0, 0, "A minor", []))
+            assert {p.id for p in page} == set(ids)
+            assert await store.search_music([1.0, 0, 0, 0], top_k=5) == []
+            store.close()
+
+    asyncio.run(new_layout(asyncio.run(old_layout())))

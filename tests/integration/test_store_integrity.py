@@ -126,7 +126,9 @@ def _store_dir(data: Path) -> Path:
 
 def _collection_dir(data: Path) -> Path:
     # (the music companion collection, memory/music_index.py, is not the patterns collection)
-    dirs = [d for d in (_store_dir(data) / "collections").iterdir() if not d.name.endswith("_music")]
+    from grym_synth.memory.music_index import is_music_collection
+
+    dirs = [d for d in (_store_dir(data) / "collections").iterdir() if not is_music_collection(d.name)]
     assert len(dirs) == 1, dirs
     return dirs[0]
 

@@ -16,7 +16,8 @@ from grym_synth.api import convert
 from grym_synth.api.v1 import common_pb2
 from grym_synth.core.errors import InvalidArgument
 from grym_synth.inference.music_models import BASIC_PITCH, MUSICNN, SILERO_VAD, NoteEvent, Tagging
-from grym_synth.memory.music_index import MusicFields, MusicQuery, normalise_key, text_score, text_to_tags
+from grym_synth.memory.music_index import (MusicFields, MusicQuery, descriptors_only, is_music_collection,
+                                           normalise_key, text_score, text_to_tags)
 
 SR = 16_000
 
@@ -230,3 +231,19 @@ def test_clusters_are_labelled_by_shared_music_descriptors() -> None:
                rec(3, MusicFields(tempo_bpm=0, key="C major", tags=[("guitar", 0.8, 1)]))]
     assert _common_music(members) == {"music.key": "A minor", "music.tag": "guitar", "music.tempo_bpm": "105"}
     assert _common_music([rec(1, None), rec(2, None), members[0]]) == {}
+
+
+def test_companion_collections_are_told_from_pattern_collections() -> None:
+    assert is_music_collection("grym_patterns_wav2vec2_tiny_music")        # the 200-d layout
+    assert is_music_collection("grym_patterns_wav2vec2_tiny_music408")
+    assert not is_music_collection("grym_patterns_wav2vec2_tiny")
+    assert not is_music_collection("grym_patterns_musical_tiny")
+
+
+def test_a_moved_row_keeps_its_descriptors_and_drops_the_other_spaces_embedding() -> None:
+    old = MusicFields(tempo_bpm=120.0, key="A minor", tags=[("guitar", 0.5, 1)], embedding=[0.3, 0.4]).row("p1", 2)
+    moved = descriptors_only(old, 4)
+    assert moved["embedding"] == [1.0, 0.0, 0.0, 0.0] and moved["has_embedding"] is False
+    assert {k: moved[k] for k in ("id", "tempo_bpm", "key", "music_tags")} == {
+        "id": "p1", "tempo_bpm": 120.0, "key": "A minor", "music_tags": ["guitar"]}
+    assert MusicFields.from_row(moved).embedding is None and MusicFields.from_row(moved).tags == [("guitar", 0.5, 1)]

@@ -22,7 +22,7 @@ from typing import Any
 
 from grym_synth.core.errors import InvalidArgument
 
-MUSIC_SUFFIX = "_music"
+MUSIC_SUFFIX = "_music"   # + the embedding's size: "<patterns>_music408" (a bare "_music" is the 200-d layout)
 STORED_TOP_TAGS = 5     # labels kept in the filterable `music_tags` array (MusicFilter.tags: "among its top tags")
 MAX_FILTER_TAGS = 16
 MAX_LABEL_CHARS = 64
@@ -93,6 +93,18 @@ class MusicFields:
 
 
 MUSIC_SCALARS = ["id", "has_embedding", "tempo_bpm", "key", "music_tags", "summary"]
+
+
+def is_music_collection(name: str) -> bool:
+    """A companion collection of music descriptors (any embedding size), not a patterns collection."""
+    return re.search(re.escape(MUSIC_SUFFIX) + r"\d*$", name) is not None
+
+
+def descriptors_only(row: Mapping[str, Any], dim: int) -> dict[str, Any]:
+    """A companion row moved to an embedding space of ``dim``: its descriptors kept, its embedding (another
+    space's) replaced by the placeholder that keeps it out of every similarity search."""
+    return {**{k: row[k] for k in MUSIC_SCALARS if k in row}, "embedding": [1.0] + [0.0] * (dim - 1),
+            "has_embedding": False}
 
 
 def create_music_collection(client: Any, name: str, dim: int) -> None:

@@ -35,7 +35,8 @@ import numpy as np
 from grym_synth.core.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from grym_synth.core.resilience import AsyncBreaker
 from grym_synth.memory.music_index import (MUSIC_SCALARS, MUSIC_SUFFIX, MusicFields, MusicQuery,
-                                           create_music_collection, text_score)
+                                           create_music_collection, descriptors_only, is_music_collection,
+                                           text_score)
 
 if TYPE_CHECKING:
     from grym_synth.memory.audio_store import AudioStore
@@ -56,6 +57,7 @@ MAX_TOP_K = 100
 DEFAULT_TOP_K = 10  # SearchPatterns' top_k when the request leaves it 0
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50  # ListPatterns' page_size when the request leaves it 0
+MUSIC_MOVE_BATCH = 1000  # rows per upsert when moving descriptors to a new embedding layout
 # Set to 1 to open an empty pattern store beside a non-empty workflow history on purpose (e.g. after deleting it).
 ACCEPT_EMPTY_ENV = "GRYM_ACCEPT_EMPTY_PATTERN_STORE"
 SCALAR_FIELDS = ["id", "model", "profile", "duration_s", "tags", "created_at_us", "source", "metadata"]
@@ -221,7 +223,6 @@ class PatternStore:
         self.profile = profile
         self.collection_prefix = collection_prefix.replace("-", "_")
         self.collection = f"{collection_prefix}_{model}_{profile}".replace("-", "_")
-        self.music_collection = self.collection + MUSIC_SUFFIX
         self._client: Any = None
         self._lock = threading.Lock()  # milvus-lite's local engine is not safe for concurrent writers
         self.ready = False
@@ -234,6 +235,17 @@ class PatternStore:
         self.recall_index = recall_index
         # Where patterns' audio is kept (None: patterns are stored without audio); see memory/audio_store.py.
         self.audio_store = audio_store
+
+    @property
+    def music_collection(self) -> str:
+        """The companion collection, named by its embedding's size so that a new embedding gets a new collection
+        (:meth:`_move_legacy_music` moves the descriptors of the previous one over)."""
+        return f"{self.collection}{MUSIC_SUFFIX}{self.music_dim}"
+
+    @property
+    def legacy_music_collection(self) -> str:
+        """The companion collection of the 200-d layout (musicnn's penultimate layer), named without a size."""
+        return self.collection + MUSIC_SUFFIX
 
     # --- lifecycle ----------------------------------------------------------------------------------------------
     @property
@@ -261,7 +273,7 @@ class PatternStore:
             if not exists:
                 if not self.is_local:  # (a local store was checked before it was opened)
                     others = [c for c in self._client.list_collections()
-                              if c.startswith(self.collection_prefix) and not c.endswith(MUSIC_SUFFIX)]
+                              if c.startswith(self.collection_prefix) and not is_music_collection(c)]
                     self._refuse_if_missing(history, bool(others), f"Milvus has no {self.collection_prefix}_* "
                                                                    "collection")
                 self._create_collection()
@@ -298,14 +310,15 @@ class PatternStore:
         if not coll.exists():
             # (a music companion collection alone does not make a store: its patterns are gone)
             others = [d for d in (root / "collections").glob(f"{self.collection_prefix}_*")
-                      if d.is_dir() and not d.name.endswith(MUSIC_SUFFIX)]
+                      if d.is_dir() and not is_music_collection(d.name)]
             self._refuse_if_missing(history, bool(others), f"the pattern store {root} "
                                     f"{'does not exist' if not root.exists() else 'holds no pattern collection'}")
             return
         problems = self._local_problems(coll)
-        music = root / "collections" / self.music_collection
-        if self.music_dim and music.exists():  # the descriptors are checked like the patterns
-            problems += self._local_problems(music)
+        for name in (self.music_collection, self.legacy_music_collection):
+            music = root / "collections" / name
+            if self.music_dim and music.exists():  # the descriptors are checked like the patterns
+                problems += self._local_problems(music)
         if problems:
             raise PatternStoreDamaged(f"the pattern store {root} is damaged: {'; '.join(problems)}. It was not opened "
                                       "(milvus-lite would serve it as fewer patterns and delete the data files its "
@@ -376,7 +389,8 @@ class PatternStore:
                     )
 
     def _open_music(self) -> None:
-        """The companion collection of music descriptors (created beside an existing store: nothing migrates)."""
+        """The companion collection of music descriptors (created beside an existing store: the patterns
+        collection is never touched), with the descriptors of the previous layout moved in."""
         if not self.music_dim:
             return
         if not self._client.has_collection(self.music_collection):
@@ -384,6 +398,25 @@ class PatternStore:
         else:
             self._check_dimension(self.music_collection, self.music_dim)
         self._client.load_collection(self.music_collection)
+        self._move_legacy_music()
+
+    def _move_legacy_music(self) -> None:
+        """Stores written before the timbre embedding keep their descriptors in ``<patterns>_music`` beside a
+        200-d embedding from another layer, which means nothing in the new space. Every row's tempo, key, tags and
+        summary are upserted here without that embedding (such patterns are still found by their descriptors and
+        in the Wav2Vec2 space, not by "sounds similar"), and only then is the old collection dropped. A crash in
+        between repeats the upsert on the next start: nothing is lost."""
+        legacy = self.legacy_music_collection
+        if legacy == self.music_collection or not self._client.has_collection(legacy):
+            return
+        self._client.load_collection(legacy)
+        rows = self._iterate_in(legacy, 'id != ""', MUSIC_SCALARS)
+        for start in range(0, len(rows), MUSIC_MOVE_BATCH):
+            batch = [descriptors_only(r, self.music_dim) for r in rows[start:start + MUSIC_MOVE_BATCH]]
+            self._client.upsert(self.music_collection, batch)
+        self._client.drop_collection(legacy)
+        log.info("moved the music descriptors of %d patterns from %s to %s (their embeddings were another "
+                 "model layer's and are not kept)", len(rows), legacy, self.music_collection)
 
     def close(self) -> None:
         client, self._client = self._client, None

@@ -16,8 +16,8 @@ so later builds (every test session builds a fresh repository) copy instead of c
 
 The reference: musicnn's ``extractor`` (TensorFlow, in the venv) runs on a deterministic 12-second synthetic clip
 (:func:`reference_clip`); ``model_dir/reference/`` keeps the clip and ``reference.npz`` (taggram, per-patch
-penultimate, the extractor's patches), which the export parity check and tests/integration/test_music_models.py
-compare served outputs against.
+penultimate, per-patch timbral means, the extractor's patches), which the export parity check and
+tests/integration/test_music_models.py compare served outputs against.
 """
 
 from __future__ import annotations
@@ -126,10 +126,12 @@ def export(profile: str, model_dir: Path, weights: Path | None, seed: int) -> di
         shutil.copyfile(cache / name, reference / name)
     data = np.load(reference / REFERENCE_NPZ)
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    taggram, embedding = session.run(["taggram", "embedding"], {"patches": data["batch"]})
-    diff = max(float(np.abs(taggram - data["taggram"]).max()), float(np.abs(embedding - data["embedding"]).max()))
+    outputs = ("taggram", "embedding", "timbre")
+    got = dict(zip(outputs, session.run(list(outputs), {"patches": data["batch"]})))
+    diff = max(float(np.abs(got[name] - data[name]).max()) for name in outputs)
     if not diff <= PARITY_BOUND:
         raise RuntimeError(f"musicnn: ONNX differs from TensorFlow by {diff:.3g} (> {PARITY_BOUND})")
     log.info("musicnn export parity vs TensorFlow %s: max |diff| %.3g", data["tensorflow"], diff)
     return {"source": "musicnn 0.1.0 MTT_musicnn (TF1 checkpoint, tf2onnx)", "trained": True,
-            "tensorflow": str(data["tensorflow"]), "parity_max_abs_diff": diff, "labels": 50, "embedding": 200}
+            "tensorflow": str(data["tensorflow"]), "parity_max_abs_diff": diff, "labels": 50, "embedding": 200,
+            "timbre": 408}
