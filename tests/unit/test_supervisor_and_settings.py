@@ -67,6 +67,38 @@ def test_supervisor_backs_off_exponentially_until_a_restart_holds(monkeypatch: p
     assert fake.launches == 3 and fake.reaped == 3
 
 
+
+def test_restart_starts_again_a_server_that_exits_during_start_up(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """Without processes: EmbeddedTriton.restart keeps the ports and retries a start whose server exited (twice
+    here), but not one that timed out, and gives up after RESTART_ATTEMPTS exits."""
+    from grym_synth.inference import triton_process as tp
+
+    server = tp.EmbeddedTriton(tmp_path, tmp_path / "triton.log", ports=(1, 2, 3), watchdog=False)
+    outcomes: list[BaseException | None] = []
+    seen_ports: list[tuple[int, int, int] | None] = []
+
+    def start() -> None:
+        seen_ports.append(server._ports)
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+
+    monkeypatch.setattr(server, "start", start)
+    monkeypatch.setattr(server, "stop", lambda: None)
+    monkeypatch.setattr(tp.time, "sleep", lambda s: None)
+    exited = tp.TritonExitedError("tritonserver exited during start-up")
+    outcomes[:] = [exited, exited, None]
+    server.restart()
+    assert not outcomes and seen_ports == [(1, 2, 3)] * 3
+    outcomes[:] = [tp.TritonStartError("tritonserver not ready after 180s"), None]
+    with pytest.raises(tp.TritonStartError, match="not ready"):
+        server.restart()
+    outcomes[:] = [exited] * tp.RESTART_ATTEMPTS + [None]
+    with pytest.raises(tp.TritonExitedError):
+        server.restart()
+    assert outcomes == [None]
+
 def test_token_settings_and_their_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
     from grym_synth.cli import main

@@ -52,6 +52,8 @@ RESTRICTED_GROUPS = ("health", "metadata", "inference", "shared-memory", "model-
                      "statistics", "trace", "logging")
 SHM_DIR = Path("/dev/shm")
 PR_SET_PDEATHSIG = 1
+# EmbeddedTriton.restart: starts of a server that exits during start-up, and the pause between them.
+RESTART_ATTEMPTS, RESTART_RETRY_DELAY_S = 3, 1.0
 # Our Python-based backends (NVIDIA's term: one model.py shared by many models, installed as
 # <backend-directory>/<name>/model.py): package data, model_repository/backends/<name>/ in the source tree.
 PYTHON_BASED_BACKENDS = Path(str(resources.files("grym_synth.model_repository") / "backends"))
@@ -59,6 +61,10 @@ PYTHON_BASED_BACKENDS = Path(str(resources.files("grym_synth.model_repository") 
 
 class TritonStartError(RuntimeError):
     """Triton did not come up (binary missing, model failed to load, timeout); the message quotes its log."""
+
+
+class TritonExitedError(TritonStartError):
+    """The tritonserver process exited before it was ready (the message quotes its log)."""
 
 
 def pytriton_root() -> Path:
@@ -330,7 +336,7 @@ class EmbeddedTriton:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if not self.running():
-                raise TritonStartError(f"tritonserver exited during start-up; log tail:\n{self.log()[-4000:]}")
+                raise TritonExitedError(f"tritonserver exited during start-up; log tail:\n{self.log()[-4000:]}")
             if self._ready() is not None:
                 return
             time.sleep(0.25)
@@ -393,12 +399,24 @@ class EmbeddedTriton:
             _signal_group(self._proc.pid, signal.SIGKILL)
             self._proc.wait(timeout=10)
 
-    def restart(self) -> None:
-        """Start again on the same ports (clients keep their URL across a Triton restart)."""
+    def restart(self, attempts: int = RESTART_ATTEMPTS) -> None:
+        """Start again on the same ports (clients keep their URL across a Triton restart). A server that exits
+        during start-up is started again, up to ``attempts`` times, as :class:`TritonSupervisor` does: CI once saw
+        a fresh tritonserver exit within 40 ms of its launch, right after a killed one, logging only a gRPC
+        "epoll_wait error: Bad file descriptor". A server that starts but never gets ready is not retried."""
         ports = (self.http_port, self.grpc_port, self.metrics_port)
-        self.stop()
-        self._ports = ports
-        self.start()
+        for attempt in range(1, attempts + 1):
+            self.stop()
+            self._ports = ports
+            try:
+                self.start()
+                return
+            except TritonExitedError as exc:
+                if attempt >= attempts:
+                    raise
+                log.warning("tritonserver restart attempt %d of %d failed (%s); starting it again", attempt,
+                            attempts, str(exc).splitlines()[0])
+                time.sleep(RESTART_RETRY_DELAY_S)
 
     # --- the watchdog -------------------------------------------------------------------------------------------
     def _ensure_watchdog(self) -> None:
