@@ -87,6 +87,17 @@ def test_text_and_music_space_search(client: Client, library: dict) -> None:
     assert len(pattern.music.embedding) == 408
 
 
+def test_similar_sound_finds_the_same_instrument(client: Client, library: dict) -> None:
+    """"Sounds similar" (SearchPatterns by a pattern, the music space by default): each guitar piece's two nearest
+    patterns are the other two guitar pieces — with drums or without, in other keys and tempos — before the piano
+    and the harpsichord. (The timbre embedding's margin here: cosine 0.965 vs 0.956 at the closest call.)"""
+    guitars = (1, 7, 13)
+    for i in guitars:
+        res = client.stub.SearchPatterns(pb.SearchPatternsRequest(
+            pattern_id=library["patterns"][i][0], top_k=2, tag_filter={"suite": library["suite"]}), timeout=60)
+        assert {m.pattern.pattern_id for m in res.matches} == _ids(library, *(g for g in guitars if g != i)), i
+
+
 def test_text_naming_nothing_known_is_invalid_argument(client: Client, library: dict) -> None:
     with pytest.raises(grpc.RpcError) as err:
         client.stub.SearchPatterns(pb.SearchPatternsRequest(text="qwzx plorp"), timeout=30)
