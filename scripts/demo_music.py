@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -40,13 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--target", default=os.environ.get("GRYM_TARGET", "127.0.0.1:50051"))
     args = ap.parse_args(argv)
     truths = {int(p.name[:3]): testset.load(p) for p in testset.make(args.out, 24, only=set(PIECES))}
+    names: dict[str, str] = {}  # pattern id -> render
+    # this run's patterns only: the demo's store keeps those of earlier runs
+    mine = {"kind": "music-demo", "run": uuid.uuid4().hex[:12]}
     with Client(args.target, timeout_s=300) as client:
         for index, what in PIECES.items():
             truth = truths[index]
             res = client.stub.AnalyzeAudio(pb.AnalyzeAudioRequest(
                 audio=common_pb2.AudioInput(wav=Path(truth["wav"]).read_bytes()), store=True,
-                tags={"kind": "music-demo"}, music_detail=common_pb2.MUSIC_DETAIL_FULL), timeout=300)
+                tags=mine, music_detail=common_pb2.MUSIC_DETAIL_FULL), timeout=300)
             m = res.music
+            names[res.pattern_id] = f"{Path(truth['wav']).name} ({what})"
             print(f"\n== {Path(truth['wav']).name} ({what})")
             print(f"   tempo      {m.tempo_bpm:6.1f} BPM (confidence {m.tempo_confidence:.2f})   MIDI: "
                   f"{truth['tempo_bpm']:.0f} BPM")
@@ -64,13 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n== DescribeAudio: \"{caption.caption}\" (by {caption.describer})")
         for text in ("guitar with drums", "piano"):
             found = client.stub.SearchPatterns(pb.SearchPatternsRequest(
-                text=text, top_k=3, tag_filter={"kind": "music-demo"}), timeout=60)
+                text=text, top_k=3, tag_filter=mine), timeout=60)
             print(f"== SearchPatterns text={text!r}:")
             for match in found.matches:
                 p = match.pattern
                 print(f"   {match.score:.2f}  {p.pattern_id}  {p.music.key}, {p.music.tempo_bpm:.0f} BPM, "
                       f"{', '.join(t.label for t in p.music.tags[:3])}")
-        slow = client.stub.ListPatterns(pb.ListPatternsRequest(tag_filter={"kind": "music-demo"},
+        anchor = next(pid for pid, name in names.items() if name.startswith(Path(truths[7]["wav"]).name))
+        alike = client.stub.SearchPatterns(pb.SearchPatternsRequest(
+            pattern_id=anchor, top_k=2, tag_filter=mine), timeout=60)
+        print(f"== SearchPatterns sounds like {names[anchor]} (musicnn timbre embedding):")
+        for match in alike.matches:
+            print(f"   {match.score:.3f}  {names.get(match.pattern.pattern_id, match.pattern.pattern_id)}")
+        slow = client.stub.ListPatterns(pb.ListPatternsRequest(tag_filter=mine,
                                                                music_filter=pb.MusicFilter(max_tempo_bpm=115)))
         print(f"== ListPatterns music_filter max_tempo_bpm=115: "
               f"{[(p.music.key, round(p.music.tempo_bpm)) for p in slow.patterns]}")
