@@ -24,8 +24,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from grym_synth.inference.music_models import BASIC_PITCH, MUSICNN, SILERO_VAD
 from grym_synth.core.compute import run_cpu
+from grym_synth.inference.music_models import BASIC_PITCH, MUSICNN, SILERO_VAD
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import math
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from grym_synth.core.errors import InvalidArgument
@@ -102,9 +102,8 @@ def is_music_collection(name: str) -> bool:
 
 def descriptors_only(row: Mapping[str, Any], dim: int) -> dict[str, Any]:
     """A companion row moved to an embedding space of ``dim``: its descriptors kept, its embedding (another
-    space's) replaced by the placeholder that keeps it out of every similarity search."""
-    return {**{k: row[k] for k in MUSIC_SCALARS if k in row}, "embedding": [1.0] + [0.0] * (dim - 1),
-            "has_embedding": False}
+    space's) dropped, so :meth:`MusicFields.row` writes the placeholder that keeps it out of every search."""
+    return replace(MusicFields.from_row(row), embedding=None).row(str(row["id"]), dim)
 
 
 def create_music_collection(client: Any, name: str, dim: int) -> None:
