@@ -143,8 +143,11 @@ def test_musicnn_equals_extractor(music, tiny_repository: Path) -> None:
     # the extractor's features["timbral"], averaged over each patch's 187 frames (by the exporter, in TensorFlow)
     np.testing.assert_allclose(served["timbre"], reference["timbre"], atol=ATOL, rtol=0)
     assert served["timbre"].shape == (len(reference["taggram"]), 408)
+    # MTT_vgg, the second tagger in the same graph: the extractor's model="MTT_vgg" taggram
+    np.testing.assert_allclose(served["vgg_taggram"], reference["vgg_taggram"], atol=ATOL, rtol=0)
     tagging = run(music, "tag", clip, rate)
-    np.testing.assert_allclose(tagging.scores, reference["taggram"].mean(axis=0), atol=ATOL, rtol=0)
+    both = (reference["taggram"].mean(axis=0) + reference["vgg_taggram"].mean(axis=0)) / 2
+    np.testing.assert_allclose(tagging.scores, both, atol=ATOL, rtol=0)
     np.testing.assert_allclose(tagging.embedding, reference["timbre"].mean(axis=0), atol=ATOL, rtol=0)
     assert tagging.scores.dtype == np.float32 and tagging.embedding.shape == (408,)
 

@@ -9,7 +9,7 @@ import pytest
 
 from grym_synth.inference.music_models import (
     MIDI_LOWEST, MUSIC_MODEL_NAMES, MUSICNN_FRAMES, MusicModels, NoteEvent, _mono, backtrack_onsets,
-    musicnn_log_mel, musicnn_patches, notes_from_events, resample,
+    musicnn_log_mel, musicnn_patches, notes_from_events, resample, tag_scores,
 )
 
 
@@ -82,6 +82,15 @@ def test_musicnn_patches_match_the_extractors_cut() -> None:
     short = musicnn_patches(tone[:rate])  # 1 s: repeat-padded to one patch
     assert short.shape == (1, 187, 96)
     np.testing.assert_array_equal(short[0, :63], short[0, 63:126])
+
+
+def test_tag_scores_average_the_patches_and_both_taggers() -> None:
+    """A tag one tagger is sure of and the other doubts lands between them; patches weigh equally."""
+    musicnn = np.array([[0.9, 0.1], [0.7, 0.1]], np.float32)  # per patch: mean 0.8, 0.1
+    vgg = np.array([[0.2, 0.3], [0.4, 0.5]], np.float32)      # mean 0.3, 0.4
+    scores = tag_scores({"taggram": musicnn, "vgg_taggram": vgg, "timbre": np.zeros((2, 408), np.float32)})
+    np.testing.assert_allclose(scores, [0.55, 0.25], atol=1e-6)
+    assert scores.dtype == np.float32
 
 
 def test_unknown_served_names_are_refused() -> None:

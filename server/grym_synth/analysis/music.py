@@ -159,14 +159,18 @@ def onset_envelope(y: np.ndarray, sr: int) -> np.ndarray:
                                         n_mels=FLUX_MELS, fmin=FLUX_FMIN_HZ, fmax=sr / 2, aggregate=np.mean)
 
 
+def _autocorrelation(x: np.ndarray, lag: int) -> float:
+    """Autocorrelation of the zero-mean envelope ``x`` at an integer lag, over its energy, corrected for overlap."""
+    return float(np.dot(x[:-lag], x[lag:])) / float(np.dot(x, x)) * len(x) / (len(x) - lag)
+
+
 def periodicity(onset_env: np.ndarray, bpm: float, sr: int) -> float:
     """How strongly the onset envelope repeats at the beat period: its normalised autocorrelation at that lag
     (0 for noise or a drone, towards 1 for a steady pulse). This is the tempo's confidence."""
     if bpm <= 0 or len(onset_env) < 8:
         return 0.0
     x = onset_env - onset_env.mean()
-    energy = float(np.dot(x, x))
-    if energy <= 1e-12:
+    if float(np.dot(x, x)) <= 1e-12:
         return 0.0
     lag = 60.0 * sr / (HOP * bpm)
     best = 0.0
@@ -174,8 +178,32 @@ def periodicity(onset_env: np.ndarray, bpm: float, sr: int) -> float:
         for d in (-1, 0, 1):
             k = lo + d
             if 0 < k < len(x) - 1:
-                best = max(best, float(np.dot(x[:-k], x[k:])) / energy * len(x) / (len(x) - k))
+                best = max(best, _autocorrelation(x, k))
     return float(np.clip(best, 0.0, 1.0))
+
+
+def refine_tempo(onset_env: np.ndarray, bpm: float, sr: int) -> float:
+    """The beat period to a fraction of a frame: the envelope's autocorrelation peak within a frame of ``bpm``'s lag,
+    interpolated by a parabola through it and its neighbours.
+
+    Why: librosa's tracker reads the tempo off whole-frame lags (16 ms here), so a 146 BPM piece (25.7 frames) came
+    out as 138.9 BPM (27 frames), 4.9 % off; at fast tempos one frame is several percent. On the three development
+    sets (make_music_testset.py --start 100/200/300) the median error of the tempos within 10 % fell from 0.8 % to
+    0.09 % (90th percentile 1.5 % -> 0.5 %), and one more tempo of 108 came within 4 %. Keeps ``bpm`` when no peak is
+    there (a flat or too-short envelope)."""
+    x = onset_env - onset_env.mean()
+    if bpm <= 0 or float(np.dot(x, x)) <= 1e-12:
+        return bpm
+    k0 = int(round(60.0 * sr / (HOP * bpm)))
+    lags = [k for k in (k0 - 1, k0, k0 + 1) if 2 <= k < len(x) - 2]
+    if not lags:
+        return bpm
+    k = max(lags, key=lambda j: _autocorrelation(x, j))
+    a, b, c = (_autocorrelation(x, j) for j in (k - 1, k, k + 1))
+    curvature = a - 2 * b + c
+    if not (b >= a and b >= c and curvature < 0):
+        return bpm
+    return float(60.0 * sr / (HOP * (k + 0.5 * (a - c) / curvature)))
 
 
 def estimate_tempo(y: np.ndarray, sr: int) -> tuple[float, float, list[float]]:
@@ -195,6 +223,7 @@ def estimate_tempo(y: np.ndarray, sr: int) -> tuple[float, float, list[float]]:
         bpm, beats = 2 * bpm, _halve_gaps(beats)
     if conf < MIN_TEMPO_CONFIDENCE or not np.isfinite(bpm) or bpm <= 0:
         return 0.0, 0.0, []
+    bpm = refine_tempo(env, bpm, sr)
     return round(bpm, 2), round(conf, 3), [round(float(b), 4) for b in beats]
 
 

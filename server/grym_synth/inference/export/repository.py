@@ -35,7 +35,9 @@ MANIFEST = "manifest.json"
 # 2: the UNet and VAE decoder graphs carry fused attention (com.microsoft.MultiHeadAttention).
 # 3: every model runs on the Python-based backend grym_python; the ONNX models' folders hold no model.py any more.
 # 4: vae_encoder (audio-to-audio) and the mel front end's parameters in audioldm's components.json.
-FORMAT_VERSION = 4
+# 5: musicnn's graph carries the timbre output and MTT_vgg's taggram ("vgg_taggram"): a repository built before
+#    has a musicnn model.onnx without them, which the refreshed config.pbtxt would not load.
+FORMAT_VERSION = 5
 
 # model folder -> "module:function" implementing export(profile, model_dir, weights, seed) -> dict
 EXPORTERS: dict[str, str] = {
