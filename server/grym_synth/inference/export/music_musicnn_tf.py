@@ -31,7 +31,7 @@ OUTPUTS = {"taggram": "musicnn/model/taggram:0", "embedding": "musicnn/model/emb
 
 def _freeze(tf, name: str, heads):  # pragma: no cover - runs in the TensorFlow venv
     """One musicnn model's graph as the extractor builds it, its checkpoint restored, frozen with ``heads`` (output
-    name -> function of ``define_model``'s outputs) as ``model/<name>``; returns (frozen GraphDef, session, input,
+    name -> function of ``define_model``'s outputs) as ``model/<head>``; returns (frozen GraphDef, session, input,
     {name: tensor}) so the caller can also run the restored session for the reference."""
     from musicnn import configuration, extractor, models
 
