@@ -17,7 +17,7 @@ from grym_synth.api.v1 import common_pb2
 from grym_synth.core.errors import InvalidArgument
 from grym_synth.inference.music_models import BASIC_PITCH, MUSICNN, SILERO_VAD, NoteEvent, Tagging
 from grym_synth.memory.music_index import (MusicFields, MusicQuery, descriptors_only, is_music_collection,
-                                           normalise_key, text_score, text_to_tags)
+                                           normalise_key, text_rank, text_score, text_to_tags)
 
 SR = 16_000
 
@@ -146,6 +146,21 @@ def test_text_maps_onto_the_vocabulary() -> None:
     for bad in ["", "   ", "qwzx", "x" * 1001]:
         with pytest.raises(InvalidArgument):
             text_to_tags(bad, vocab)
+
+
+def test_text_rank_puts_patterns_holding_more_of_the_labels_first() -> None:
+    """A solo guitar with one strong tag scores higher on the mean than a guitar with drums, yet the query names
+    both: the piece holding both ranks first; among equal counts the mean decides."""
+    solo = MusicFields(tags=[("guitar", 0.68, 1), ("slow", 0.29, 3)], tag_scores={"guitar": 0.68, "drums": 0.01})
+    both = MusicFields(tags=[("guitar", 0.5, 1), ("slow", 0.3, 3), ("drums", 0.17, 1)],
+                       tag_scores={"guitar": 0.5, "drums": 0.17})
+    labels = ["guitar", "drums"]
+    assert text_score(solo, labels) > text_score(both, labels)
+    assert text_rank(both, labels) > text_rank(solo, labels)
+    assert text_rank(solo, labels) == (1, pytest.approx(0.345))
+    # only the stored top tags count (what the filter matched), and a label named twice counts once
+    sixth = MusicFields(tags=[(f"t{i}", 0.5, 4) for i in range(5)] + [("drums", 0.4, 1)])
+    assert text_rank(sixth, ["drums", "drums"])[0] == 0
 
 
 def test_text_score_and_stored_fields_round_trip() -> None:

@@ -36,7 +36,7 @@ from grym_synth.core.errors import InvalidArgument, NotFound, ResourceExhausted,
 from grym_synth.core.resilience import AsyncBreaker
 from grym_synth.memory.music_index import (MUSIC_SCALARS, MUSIC_SUFFIX, MusicFields, MusicQuery,
                                            create_music_collection, descriptors_only, is_music_collection,
-                                           text_score)
+                                           text_rank)
 
 if TYPE_CHECKING:
     from grym_synth.memory.audio_store import AudioStore
@@ -657,21 +657,21 @@ class PatternStore:
 
     async def search_text(self, labels: Sequence[str], *, top_k: int, tag_filter: Mapping[str, str] | None = None,
                           music: MusicQuery | None = None, include_embedding: bool = False) -> list[PatternRecord]:
-        """Patterns whose top tags name any of ``labels``, ranked by the mean tagger score of the labels (the
-        match's score, in [0, 1])."""
+        """Patterns whose top tags name any of ``labels``, ranked by how many of the labels they name, then by the
+        mean tagger score of the labels (the match's score, in [0, 1]): :func:`text_rank`."""
         _check_top_k(top_k)
         if not self.music_dim:
             raise InvalidArgument("text search needs the music models, which this server does not run")
         any_label = f"array_contains_any(music_tags, [{', '.join(quote(lb) for lb in labels)}])"
         expr = " and ".join([any_label] + ([music.expr()] if music else []))
         rows = await self._run(lambda: self._iterate_in(self.music_collection, expr, MUSIC_SCALARS))
-        scored = sorted(((text_score(MusicFields.from_row(r), labels), str(r["id"])) for r in rows),
-                        key=lambda x: (-x[0], x[1]))
+        ranked = sorted(((text_rank(MusicFields.from_row(r), labels), str(r["id"])) for r in rows),
+                        key=lambda x: (-x[0][0], -x[0][1], x[1]))
         if tag_filter:
             expr = tag_filter_expr(tag_filter)
             allowed = {str(r["id"]) for r in await self._run(lambda: self._iterate(expr, ["id"]))}
-            scored = [x for x in scored if x[1] in allowed]
-        return await self._ranked([(i, s) for s, i in scored[:top_k]], include_embedding)
+            ranked = [x for x in ranked if x[1] in allowed]
+        return await self._ranked([(i, score) for (_, score), i in ranked[:top_k]], include_embedding)
 
     async def _ranked(self, hits: Sequence[tuple[str, float]], include_embedding: bool) -> list[PatternRecord]:
         """Records in ``hits`` order with their scores (ids the patterns collection no longer has are dropped)."""
