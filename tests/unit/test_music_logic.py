@@ -158,6 +158,7 @@ def test_text_rank_puts_patterns_holding_more_of_the_labels_first() -> None:
     assert text_score(solo, labels) > text_score(both, labels)
     assert text_rank(both, labels) > text_rank(solo, labels)
     assert text_rank(solo, labels) == (1, pytest.approx(0.345))
+    assert text_rank(solo, ["guitar"]) > text_rank(both, ["guitar"])  # both hold "guitar": the higher score first
     # only the stored top tags count (what the filter matched), and a label named twice counts once
     sixth = MusicFields(tags=[(f"t{i}", 0.5, 4) for i in range(5)] + [("drums", 0.4, 1)])
     assert text_rank(sixth, ["drums", "drums"])[0] == 0
