@@ -117,6 +117,8 @@ def export(profile: str, model_dir: Path, weights: Path | None, seed: int) -> di
     """Convert (or take from the cache) and install into ``model_dir``; check ONNX against TensorFlow."""
     import onnxruntime as ort
 
+    from grym_synth.inference.music_models import MUSICNN_EMBEDDING, MUSICNN_OUTPUTS
+
     model_dir = Path(model_dir)
     cache = convert(model_dir)
     shutil.copyfile(cache / "model.onnx", model_dir / "1" / "model.onnx")
@@ -126,12 +128,11 @@ def export(profile: str, model_dir: Path, weights: Path | None, seed: int) -> di
         shutil.copyfile(cache / name, reference / name)
     data = np.load(reference / REFERENCE_NPZ)
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    outputs = ("taggram", "embedding", "timbre", "vgg_taggram")
-    got = dict(zip(outputs, session.run(list(outputs), {"patches": data["batch"]})))
-    diff = max(float(np.abs(got[name] - data[name]).max()) for name in outputs)
+    got = dict(zip(MUSICNN_OUTPUTS, session.run(list(MUSICNN_OUTPUTS), {"patches": data["batch"]})))
+    diff = max(float(np.abs(got[name] - data[name]).max()) for name in MUSICNN_OUTPUTS)
     if not diff <= PARITY_BOUND:
         raise RuntimeError(f"musicnn: ONNX differs from TensorFlow by {diff:.3g} (> {PARITY_BOUND})")
     log.info("musicnn export parity vs TensorFlow %s: max |diff| %.3g", data["tensorflow"], diff)
     return {"source": "musicnn 0.1.0 MTT_musicnn + MTT_vgg (TF1 checkpoints, tf2onnx)", "trained": True,
             "tensorflow": str(data["tensorflow"]), "parity_max_abs_diff": diff, "labels": 50, "embedding": 200,
-            "timbre": 408}
+            "timbre": MUSICNN_EMBEDDING}
