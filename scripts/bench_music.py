@@ -35,7 +35,7 @@ from grym_synth.core.audio import to_mono_16k  # noqa: E402
 from grym_synth.inference.export.repository import build_repository  # noqa: E402
 from grym_synth.inference.music_models import (  # noqa: E402
     BASIC_PITCH, FRAME_THRESHOLD, MINIMUM_NOTE_LENGTH_MS, MUSICNN, ONSET_THRESHOLD, SILERO_VAD, MusicModels, Tagging,
-    backtrack_onsets, musicnn_patches, notes_from_events, resample, tag_scores,
+    musicnn_patches, notes_from_events, refine_events, resample, tag_scores,
 )
 from grym_synth.inference.triton_client import TritonClient  # noqa: E402
 from grym_synth.inference.triton_process import EmbeddedTriton  # noqa: E402
@@ -73,7 +73,7 @@ class InProcessModels:
         sf.write(wav, audio, sr, subtype="FLOAT")
         output, _, events = predict(wav, self.bp, onset_threshold=ONSET_THRESHOLD, frame_threshold=FRAME_THRESHOLD,
                                     minimum_note_length=MINIMUM_NOTE_LENGTH_MS)
-        return notes_from_events(backtrack_onsets(events, output["note"]))
+        return notes_from_events(refine_events(events, output))
 
     async def tag(self, audio, sr, *, deadline=None):  # type: ignore[no-untyped-def]
         outs = self.musicnn.run(None, {"patches": musicnn_patches(resample(audio, sr, 16_000))})

@@ -23,7 +23,7 @@ import pytest
 import soundfile as sf
 
 from grym_synth.inference.music_models import (FRAME_THRESHOLD, MINIMUM_NOTE_LENGTH_MS, ONSET_THRESHOLD, MusicModels,
-                                               NoteEvent, backtrack_onsets, notes_from_events)
+                                               NoteEvent, notes_from_events, refine_events)
 from grym_synth.inference.triton_client import TritonClient
 
 ATOL = 1e-4
@@ -115,7 +115,7 @@ def test_basic_pitch_equals_predict(music, tmp_path: Path, rate: int) -> None:
         assert served[key].shape == output[key].shape
         np.testing.assert_allclose(served[key], output[key], atol=ATOL, rtol=0)
     notes = run(music, "transcribe", audio, rate)
-    assert notes == notes_from_events(backtrack_onsets(events, output["note"]))
+    assert notes == notes_from_events(refine_events(events, output))
     pitches = {n.pitch for n in notes}
     assert {60, 64, 67} <= pitches, pitches  # the arpeggio and chord are really heard
 

@@ -75,6 +75,49 @@ def test_tempo_between_whole_frame_lags_is_read_to_a_fraction_of_a_percent(bpm: 
     assert abs(est / bpm - 1) < 0.003 and conf > 0.5
 
 
+def _tone(freq: float, n: int, decay_s: float) -> np.ndarray:
+    t = np.arange(n) / SR
+    return (np.sin(2 * np.pi * freq * t) * np.exp(-t / decay_s)).astype(np.float32)
+
+
+def _rhythm(bpm: float, beats: tuple[float, ...], kick: bool, seconds: int = 12) -> np.ndarray:
+    """A melody of decaying tones (above 600 Hz) whose durations cycle through ``beats`` (in beats), with a 60 Hz
+    kick on every beat when ``kick``."""
+    y = np.zeros(seconds * SR, np.float32)
+    beat = 60 / bpm
+    if kick:
+        for start in (np.arange(0, seconds - 0.3, beat) * SR).astype(int):
+            y[start:start + 4000] += 0.8 * _tone(60, 4000, 0.08)
+    pos, i = 0.0, 0
+    while pos < seconds - 0.3:
+        start = int(pos * SR)
+        y[start:start + 3000] += 0.5 * _tone(660 * 2 ** ((i * 5 % 12) / 12), 3000, 0.05)
+        pos += beat * beats[i % len(beats)]
+        i += 1
+    return y
+
+
+def test_a_slow_beat_under_eighth_notes_is_not_doubled() -> None:
+    """72 BPM: a kick on every beat under eighths and quarters. The full-band pulse at 144 is nearly as periodic
+    (this used to read 144); the low band pulses at 72 only, so the tempo stays. A kick on every beat at 160
+    tracked at 80 pulses at 160 too: the low band does not veto that doubling; without a low band it never does."""
+    slow = _rhythm(72, (0.5, 0.5, 0.5, 0.5, 1.0, 1.0), kick=True)
+    bpm, conf, beats = M.estimate_tempo(slow, SR)
+    assert abs(bpm / 72 - 1) < 0.01 and conf > 0.5
+    assert abs(60 / np.median(np.diff(beats)) / 72 - 1) < 0.05
+    assert M.low_band_keeps_tempo(slow, SR, 72)
+    assert not M.low_band_keeps_tempo(_rhythm(160, (1.0,), kick=True), SR, 80)
+    assert not M.low_band_keeps_tempo(_rhythm(72, (0.5,), kick=False), SR, 72)
+
+
+def test_a_dotted_rhythm_at_a_fast_tempo_is_not_read_at_two_thirds() -> None:
+    """165 BPM, dotted quarter, eighth, quarter, quarter: the tracker's prior reads the dotted-quarter pulse (110);
+    the pulse at 3/2 of it is as periodic, so the tempo is 165, and the beats follow it."""
+    bpm, conf, beats = M.estimate_tempo(_rhythm(165, (1.5, 0.5, 1.0, 1.0), kick=False), SR)
+    assert abs(bpm / 165 - 1) < 0.01 and conf > 0.15
+    assert abs(60 / np.median(np.diff(beats)) / 165 - 1) < 0.05
+
+
 def test_tempo_refinement_keeps_the_tempo_where_there_is_no_peak() -> None:
     assert M.refine_tempo(np.ones(500), 120.0, SR) == 120.0  # flat envelope
     assert M.refine_tempo(np.random.default_rng(0).random(500), 0.0, SR) == 0.0

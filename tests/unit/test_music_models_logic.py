@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from grym_synth.inference.music_models import (
-    MIDI_LOWEST, MUSIC_MODEL_NAMES, MUSICNN_FRAMES, MusicModels, NoteEvent, _mono, backtrack_onsets,
-    musicnn_log_mel, musicnn_patches, notes_from_events, resample, tag_scores,
+    MIDI_LOWEST, MUSIC_MODEL_NAMES, MUSICNN_FRAMES, REDETECTION_GAP_S, MusicModels, NoteEvent, _mono,
+    backtrack_onsets, merge_redetections, musicnn_log_mel, musicnn_patches, notes_from_events, refine_events,
+    resample, tag_scores,
 )
 
 
@@ -69,6 +70,50 @@ def test_backtracking_stops_at_a_dip_and_never_moves_a_note_later() -> None:
                                               note)]
     assert starts == [pytest.approx(float(times[10])), pytest.approx(float(times[29]))]
     assert backtrack_onsets([(0.0, 0.1, 60, 0.5)], np.zeros((0, 88), np.float32)) == [(0.0, 0.1, 60, 0.5)]
+
+
+def _held_note(frames: int = 200) -> tuple[dict[str, np.ndarray], int]:
+    """Posteriors of pitch 60 held from frame 10 to 150 (one attack at frame 10), and its column."""
+    note = np.zeros((frames, 88), np.float32)
+    onset = np.zeros_like(note)
+    k = 60 - MIDI_LOWEST
+    note[10:150, k] = 0.8
+    onset[10, k] = 0.9
+    return {"note": note, "onset": onset}, k
+
+
+def test_a_held_note_cut_by_a_weak_onset_is_one_note() -> None:
+    """A drum hit under a held chord tone: basic-pitch ends the note at frame 60 and starts it again (onset 0.5,
+    no rise of the note activation). Merged: one note from the first start to the last end, first amplitude kept;
+    another pitch's note in between does not interrupt it."""
+    output, k = _held_note()
+    output["onset"][60, k] = 0.5
+    times = _times(200)
+    events = [(float(times[10]), float(times[60]), 60, 0.7, None), (float(times[60]), float(times[150]), 60, 0.4, None),
+              (float(times[60]), float(times[90]), 67, 0.5, None)]
+    assert merge_redetections(events, output) == [(float(times[10]), float(times[150]), 60, 0.7, None),
+                                                   (float(times[60]), float(times[90]), 67, 0.5, None)]
+
+
+def test_a_played_repetition_stays_two_notes() -> None:
+    """A re-attack: the activation dips and rises again with a strong onset. Also kept apart: a strong onset without
+    a rise of the activation is merged (a vibrato peak), and a weak onset more than REDETECTION_GAP_S after the
+    previous note is a new note."""
+    output, k = _held_note()
+    output["note"][58:60, k] = 0.3
+    output["onset"][60, k] = 0.9
+    times = _times(200)
+    first, second = (float(times[10]), float(times[58]), 60, 0.7), (float(times[60]), float(times[150]), 60, 0.6)
+    assert merge_redetections([second, first], output) == [first, second]
+
+    flat, _ = _held_note()
+    flat["onset"][60, k] = 0.9
+    assert merge_redetections([first, second], flat) == [(first[0], second[1], 60, 0.7)]
+
+    late = (float(first[1]) + REDETECTION_GAP_S + 0.05, 3.0, 60, 0.5)
+    assert merge_redetections([first, late], flat) == [first, late]
+    assert refine_events([first], {"note": np.zeros((0, 88), np.float32), "onset": np.zeros((0, 88), np.float32)}
+                         ) == [first]
 
 
 def test_musicnn_patches_match_the_extractors_cut() -> None:
