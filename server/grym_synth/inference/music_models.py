@@ -410,7 +410,7 @@ def merge_redetections(events: Iterable[Sequence[Any]], output: dict[str, np.nda
 
     Why: basic-pitch starts a new note whenever a pitch's onset activation peaks above the threshold or (its
     "melodia trick") its frame activation stays high, so a held chord tone is cut into several notes by a drum hit
-    or another voice's attack, by vibrato, or by a bow change: on the development renders, a third of the
+    or another voice's attack, by vibrato, or by a bow change: on the development renders, more than half of the
     polyphonic pieces' false notes. A played repetition has an attack of its own: a strong onset activation and a
     "note" activation that rises across its start. A note of the same pitch starting within
     :data:`REDETECTION_GAP_S` of the previous one's end without both is merged into it (the earlier start and
