@@ -51,9 +51,26 @@ def test_backtracking_moves_a_slow_attack_to_where_it_began_to_rise() -> None:
     note[40:60, k] = 0.9
     note[34:40, k] = [0.05, 0.2, 0.35, 0.5, 0.65, 0.8]  # rises from frame 34; above 0.27 from frame 36
     note[20:60, 60 - MIDI_LOWEST] = 0.9  # a held neighbour: irrelevant to pitch 64
+    onset = np.zeros_like(note)
+    onset[33:42, k] = [0.1, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.5]  # a broad onset bump: above 0.27 from frame 34
     times = _times(100)
-    (start, end, pitch, amp, bends), = backtrack_onsets([(float(times[40]), 1.0, 64, 0.6, None)], note)
+    (start, end, pitch, amp, bends), = backtrack_onsets([(float(times[40]), 1.0, 64, 0.6, None)],
+                                                         {"note": note, "onset": onset})
     assert start == pytest.approx(float(times[36])) and (end, pitch, amp, bends) == (1.0, 64, 0.6, None)
+
+
+def test_backtracking_stops_where_the_onset_posterior_is_still_flat() -> None:
+    """A struck note (a harpsichord): the "note" posterior rises over 6 frames, but the onset posterior peaks
+    sharply at frame 40 and is flat before frame 39, so the start moves back one frame, not four."""
+    note = np.zeros((100, 88), np.float32)
+    k = 64 - MIDI_LOWEST
+    note[40:60, k] = 0.9
+    note[34:40, k] = [0.05, 0.2, 0.35, 0.5, 0.65, 0.8]
+    onset = np.zeros_like(note)
+    onset[38:42, k] = [0.05, 0.4, 0.95, 0.3]
+    times = _times(100)
+    (start, *_), = backtrack_onsets([(float(times[40]), 1.0, 64, 0.6)], {"note": note, "onset": onset})
+    assert start == pytest.approx(float(times[39]))
 
 
 def test_backtracking_stops_at_a_dip_and_never_moves_a_note_later() -> None:
@@ -65,11 +82,13 @@ def test_backtracking_stops_at_a_dip_and_never_moves_a_note_later() -> None:
     note[28:30, k] = [0.5, 0.4]  # decay of the first note, then the second rises from the dip at frame 29
     note[30:33, k] = [0.6, 0.7, 0.8]
     note[33:50, k] = 0.9
+    onset = np.full_like(note, 0.8)  # the onset posterior never stops the walk here
     times = _times(100)
     starts = [s for s, *_ in backtrack_onsets([(float(times[10]), 0.3, 60, 0.5), (float(times[32]), 0.6, 60, 0.5)],
-                                              note)]
+                                              {"note": note, "onset": onset})]
     assert starts == [pytest.approx(float(times[10])), pytest.approx(float(times[29]))]
-    assert backtrack_onsets([(0.0, 0.1, 60, 0.5)], np.zeros((0, 88), np.float32)) == [(0.0, 0.1, 60, 0.5)]
+    empty = np.zeros((0, 88), np.float32)
+    assert backtrack_onsets([(0.0, 0.1, 60, 0.5)], {"note": empty, "onset": empty}) == [(0.0, 0.1, 60, 0.5)]
 
 
 def _held_note(frames: int = 200) -> tuple[dict[str, np.ndarray], int]:
