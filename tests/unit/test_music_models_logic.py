@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from grym_synth.inference.music_models import (
-    MIDI_LOWEST, MUSIC_MODEL_NAMES, MUSICNN_FRAMES, REDETECTION_GAP_S, MusicModels, NoteEvent, _mono,
-    backtrack_onsets, merge_redetections, musicnn_log_mel, musicnn_patches, notes_from_events, refine_events,
-    resample, tag_scores,
+    HARMONIC_TAG_WEIGHT, MIDI_LOWEST, MUSIC_MODEL_NAMES, MUSICNN_FRAMES, REDETECTION_GAP_S, MusicModels, NoteEvent,
+    _mono, backtrack_onsets, merge_redetections, mix_harmonic, musicnn_log_mel, musicnn_patch_pair, musicnn_patches,
+    notes_from_events, refine_events, resample, tag_scores,
 )
 
 
@@ -155,6 +155,38 @@ def test_tag_scores_average_the_patches_and_both_taggers() -> None:
     scores = tag_scores({"taggram": musicnn, "vgg_taggram": vgg, "timbre": np.zeros((2, 408), np.float32)})
     np.testing.assert_allclose(scores, [0.55, 0.25], atol=1e-6)
     assert scores.dtype == np.float32
+
+
+def test_the_harmonic_part_weighs_on_every_tag_but_drums() -> None:
+    """mix_harmonic: the harmonic part's scores weigh HARMONIC_TAG_WEIGHT on every tag except "drums", which the
+    harmonic part cannot hear and which keeps the clip's score."""
+    clip = np.array([0.55, 0.25, 0.9], np.float32)
+    harmonic = np.array([0.2, 0.8, 0.05], np.float64)
+    mixed = mix_harmonic(clip, harmonic, ("guitar", "violin", "drums"))
+    w = HARMONIC_TAG_WEIGHT
+    np.testing.assert_allclose(mixed, [(1 - w) * 0.55 + w * 0.2, (1 - w) * 0.25 + w * 0.8, 0.9], atol=1e-6)
+    assert mixed.dtype == np.float32 and 0 < w < 1
+
+
+def test_the_harmonic_part_keeps_a_tone_and_drops_clicks() -> None:
+    """musicnn_patch_pair: the clip's patches are exactly musicnn_patches'; its harmonic part keeps a held tone
+    (within 0.1 of log-mel) and loses most of a click track's energy, which is what lets the taggers hear the
+    instrument under a drum kit."""
+    rate = 16_000
+    tone = (0.3 * np.sin(2 * np.pi * 440 * np.arange(7 * rate) / rate)).astype(np.float32)
+    clip, harmonic = musicnn_patch_pair(tone)
+    np.testing.assert_array_equal(clip, musicnn_patches(tone))
+    assert harmonic.shape == clip.shape
+    band = slice(10, 90)  # the tone's mel rows and its neighbours
+    assert float(np.abs(harmonic[:, 20:-20, band] - clip[:, 20:-20, band]).max()) < 0.1
+    clicks = np.zeros(7 * rate, np.float32)
+    clicks[::rate // 2] = 1.0
+    clip, harmonic = musicnn_patch_pair(clicks)
+    # log10(10000 x + 1): the harmonic part's mean mel power is under a tenth of the clip's
+    power = lambda p: float(np.mean(10 ** p.astype(np.float64) - 1))  # noqa: E731
+    assert power(harmonic) < 0.1 * power(clip)
+    short, short_harmonic = musicnn_patch_pair(tone[: rate // 5])  # 0.2 s: still one repeat-padded patch each
+    assert short.shape == short_harmonic.shape == (1, 187, 96)
 
 
 def test_unknown_served_names_are_refused() -> None:
