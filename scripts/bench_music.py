@@ -184,6 +184,9 @@ def report(res: dict) -> str:
         f"| tempo within 4 % allowing x2 / x1/2 octave errors | {octave}/{n} = {octave / n:.0%} | (reported) |",
         f"| key exact | {key}/{n} = {key / n:.0%} | >= 80 % |",
     ]
+    # the two groups (monophonic, polyphonic), then each split by drums
+    f1 = {"mono, all": f1["mono"] + f1["mono+drums"], **{k: v for k, v in f1.items() if k.startswith("mono")},
+          "poly, all": f1["poly"] + f1["poly+drums"], **{k: v for k, v in f1.items() if k.startswith("poly")}}
     for kind, vals in f1.items():
         if vals:
             goal = ">= 0.9" if kind.startswith("mono") else ">= 0.7"
