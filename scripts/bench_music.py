@@ -35,7 +35,7 @@ from grym_synth.core.audio import to_mono_16k  # noqa: E402
 from grym_synth.inference.export.repository import build_repository  # noqa: E402
 from grym_synth.inference.music_models import (  # noqa: E402
     BASIC_PITCH, FRAME_THRESHOLD, MINIMUM_NOTE_LENGTH_MS, MUSICNN, ONSET_THRESHOLD, SILERO_VAD, MusicModels, Tagging,
-    mix_harmonic, musicnn_patch_pair, notes_from_events, refine_events, resample, tag_scores,
+    musicnn_patch_pair, notes_from_events, refine_events, resample, tag_scores,
 )
 from grym_synth.inference.triton_client import TritonClient  # noqa: E402
 from grym_synth.inference.triton_process import EmbeddedTriton  # noqa: E402
@@ -79,8 +79,8 @@ class InProcessModels:
         clip, harmonic = musicnn_patch_pair(resample(audio, sr, 16_000))
         names = [o.name for o in self.musicnn.get_outputs()]
         got, got_harmonic = (dict(zip(names, self.musicnn.run(None, {"patches": p}))) for p in (clip, harmonic))
-        scores = mix_harmonic(tag_scores(got), tag_scores(got_harmonic), self.tag_vocabulary)
-        return Tagging(self.tag_vocabulary, scores, np.asarray(got["timbre"]).mean(axis=0))
+        return Tagging(self.tag_vocabulary, tag_scores(got), np.asarray(got["timbre"]).mean(axis=0),
+                       tag_scores(got_harmonic))
 
     async def voice(self, audio, sr, *, deadline=None):  # type: ignore[no-untyped-def]
         import torch

@@ -126,6 +126,20 @@ def test_tempo_refinement_keeps_the_tempo_where_there_is_no_peak() -> None:
     assert M.refine_tempo(np.random.default_rng(0).random(20), 60.0, SR) == 60.0  # lag beyond the envelope
 
 
+def test_blend_tags_lets_the_harmonic_part_weigh_on_pitched_instruments_only() -> None:
+    """Pitched-instrument tags mix in the harmonic part's score; "drums", "beat", a genre and a mood keep the
+    clip's; a tagging without harmonic scores is the clip's as it is."""
+    labels = ("guitar", "violin", "drums", "beat", "rock", "slow")
+    clip = np.array([0.2, 0.1, 0.6, 0.5, 0.4, 0.3], np.float32)
+    harmonic = np.array([0.8, 0.5, 0.05, 0.05, 0.1, 0.9], np.float32)
+    w = M.HARMONIC_TAG_WEIGHT
+    blended = M.blend_tags(Tagging(labels, clip, np.ones(4, np.float32), harmonic))
+    assert blended["guitar"] == pytest.approx((1 - w) * 0.2 + w * 0.8)
+    assert blended["violin"] == pytest.approx((1 - w) * 0.1 + w * 0.5)
+    assert [blended[k] for k in ("drums", "beat", "rock", "slow")] == pytest.approx([0.6, 0.5, 0.4, 0.3])
+    assert M.blend_tags(Tagging(labels, clip, np.ones(4, np.float32))) == pytest.approx(dict(zip(labels, clip)))
+
+
 def _desc(**kw) -> M.MusicDescription:  # type: ignore[no-untyped-def]
     return M.MusicDescription(**kw)
 

