@@ -115,9 +115,9 @@ def test_a_held_note_cut_by_a_weak_onset_is_one_note() -> None:
 
 
 def test_a_played_repetition_stays_two_notes() -> None:
-    """A re-attack: the activation dips and rises again with a strong onset. Also kept apart: a strong onset without
-    a rise of the activation is merged (a vibrato peak), and a weak onset more than REDETECTION_GAP_S after the
-    previous note is a new note."""
+    """A re-attack: the activation dips and rises again with a strong onset, so the two notes stay apart. Beside it:
+    a strong onset without a rise of the activation is merged (a vibrato peak), and a weak onset more than
+    REDETECTION_GAP_S after the previous note is a new note."""
     output, k = _held_note()
     output["note"][58:60, k] = 0.3
     output["onset"][60, k] = 0.9
