@@ -451,10 +451,16 @@ def _attacks(note: np.ndarray, onset: np.ndarray, times: np.ndarray, start: floa
     """Whether the pitch is attacked at ``start``: a strong onset and a rising "note" activation there."""
     i = int(np.argmin(np.abs(times - start)))
     c = int(pitch) - MIDI_LOWEST
-    strong = float(onset[max(0, i - ONSET_LEAD_FRAMES):i + ONSET_PEAK_FRAMES, c].max()) >= ONSET_THRESHOLD
+    strong = _onset_peak(onset[:, c], i) >= ONSET_THRESHOLD
     before = float(note[max(0, i - RISE_BEFORE_FRAMES):i + 1, c].mean())
     rise = float(note[i:i + RISE_AFTER_FRAMES, c].max()) - before
     return strong and rise >= REDETECTION_RISE
+
+
+def _onset_peak(track: np.ndarray, i: int) -> float:
+    """A pitch's onset activation at its peak near frame ``i`` (ONSET_LEAD_FRAMES before to ONSET_PEAK_FRAMES
+    after): the attack both the merge and the backtracking look at."""
+    return float(track[max(0, i - ONSET_LEAD_FRAMES):i + ONSET_PEAK_FRAMES].max(initial=0.0))
 
 
 def backtrack_onsets(events: Iterable[Sequence[Any]], output: dict[str, np.ndarray],
@@ -481,7 +487,7 @@ def backtrack_onsets(events: Iterable[Sequence[Any]], output: dict[str, np.ndarr
         i = int(np.argmin(np.abs(times - start)))
         track, attack = note[:, int(pitch) - MIDI_LOWEST], onset[:, int(pitch) - MIDI_LOWEST]
         floor = level * float(track[i:i + ONSET_PEAK_FRAMES].max(initial=0.0))
-        attack_floor = level * float(attack[max(0, i - ONSET_LEAD_FRAMES):i + ONSET_PEAK_FRAMES].max(initial=0.0))
+        attack_floor = level * _onset_peak(attack, i)
         while i > 0 and floor < track[i - 1] < track[i] and attack[i - 1] > attack_floor:
             i -= 1
         out.append((min(float(times[i]), float(start)), end, pitch, *rest))
